@@ -17,6 +17,16 @@ TOKENIZER_JSON = Path(__file__).resolve().parents[1] / "sdonnx" / "data" / "clip
 FAMILIES = ("sd1", "sd2")
 
 
+def _perturb(module, seed, scale=0.02):
+    """Add small noise to every parameter: fresh layers have bit-identical norms and zero biases, which
+    real checkpoints never have (and which exporters may merge into one initializer)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
 def _text_encoder(family, seed):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -34,7 +44,7 @@ def _text_encoder(family, seed):
         eos_token_id=49407,
         pad_token_id=49407 if family == "sd1" else 0,
     )
-    return CLIPTextModel(cfg).eval()
+    return _perturb(CLIPTextModel(cfg), seed)
 
 
 def _unet(family, seed):
@@ -43,7 +53,7 @@ def _unet(family, seed):
     torch.manual_seed(seed)
     sd2 = family == "sd2"
     channels = (64, 64, 128) if sd2 else (32, 32, 64)
-    return UNet2DConditionModel(
+    return _perturb(UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -56,14 +66,14 @@ def _unet(family, seed):
         use_linear_projection=sd2,
         upcast_attention=sd2,
         norm_num_groups=32,
-    ).eval()
+    ), seed)
 
 
 def _vae(seed):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    return _perturb(AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -74,7 +84,7 @@ def _vae(seed):
         norm_num_groups=32,
         sample_size=64,
         scaling_factor=0.18215,
-    ).eval()
+    ), seed)
 
 
 def tokenizer(family):
