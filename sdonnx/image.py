@@ -1,0 +1,175 @@
+"""PIL <-> arrays, and saving images with their infotext the way A1111 names them."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import uuid
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+log = logging.getLogger(__name__)
+
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_MAX_NAME_TRIES = 10_000
+# Filesystems without hard links (FAT/exFAT, some network shares) answer os.link with one of these.
+_NO_LINK_ERRNOS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def latents_to_images(decoded: np.ndarray) -> list[Image.Image]:
+    """VAE decoder output decoded: [B, 3, H, W] in [-1, 1] -> B RGB images, rounded as diffusers does.
+
+    Computed in float32 (an fp16 decoder output is upcast first). A1111 truncates instead of rounding,
+    so its pixels can be one lower.
+    """
+    if decoded.ndim != 4 or decoded.shape[1] != 3:
+        raise ValueError(f"decoded images must be [B, 3, H, W], got shape {decoded.shape}")
+    x = decoded.astype(np.float32)
+    bad = np.count_nonzero(~np.isfinite(x))
+    if bad:
+        raise ValueError(f"decoded images hold {bad} NaN/inf values (an fp16 VAE overflowing? try an fp32 VAE)")
+    x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    pixels = (x * 255).round().astype(np.uint8)
+    return [Image.fromarray(p) for p in pixels]
+
+
+def image_to_array(
+    img: Image.Image, width: int, height: int, *, background: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
+    """PIL image -> [1, 3, height, width] float32 in [-1, 1], the VAE encoder's input.
+
+    Resized with Lanczos when the size differs (A1111 "Just resize", diffusers' default). Transparent
+    pixels are composited over ``background`` (A1111's img2img background colour, white by default).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width}x{height}")
+    img = _flatten(img, background)
+    if img.size != (width, height):
+        img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    return (2.0 * x - 1.0).transpose(2, 0, 1)[None].copy()
+
+
+def save_png(
+    image: Image.Image,
+    outdir: str | PathLike,
+    infotext: str | None,
+    *,
+    seed: int | None = None,
+    prefix: str = "",
+) -> Path:
+    """Save ``image`` as ``outdir/NNNNN[-SEED].png`` (``PREFIX-NNNN[-SEED].png`` with a prefix), as A1111 names.
+
+    The number continues from the highest one already in ``outdir``. The "parameters" text chunk holds
+    ``infotext`` (tEXt, or iTXt when it is not Latin-1). The PNG is written in full to a hidden temp file and
+    then hard-linked to its name: the link fails when the name exists, so no file is ever overwritten (even
+    with several writers racing) and no half-written PNG ever carries a final name.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    tmp = outdir / f".{uuid.uuid4().hex}.png.tmp"
+    try:
+        _write_png(image, tmp, infotext)
+        return _claim_name(tmp, outdir, prefix, seed)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def next_sequence_number(outdir: str | PathLike, prefix: str = "") -> int:
+    """One past the highest running number among ``outdir``'s files (A1111's get_next_sequence_number)."""
+    start = f"{prefix}-" if prefix else ""
+    numbers = [-1]
+    for name in os.listdir(outdir):
+        if name.startswith(start):
+            head = os.path.splitext(name[len(start):])[0].split("-")[0]
+            if re.fullmatch(r"\d+", head):
+                numbers.append(int(head))
+    return max(numbers) + 1
+
+
+def read_infotext(path: str | PathLike) -> str | None:
+    """The infotext stored in an image: PNG "parameters" text chunk, else EXIF UserComment (JPEG/WebP)."""
+    with Image.open(path) as img:
+        text = img.info.get("parameters")
+        if text is not None:
+            return text
+        comment = img.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    return _decode_user_comment(comment) if comment else None
+
+
+def _sequence_name(n: int, prefix: str, seed: int | None) -> str:
+    number = f"{prefix}-{n:04}" if prefix else f"{n:05}"
+    return f"{number}-{seed}.png" if seed is not None else f"{number}.png"
+
+
+def _write_png(image: Image.Image, path: Path, infotext: str | None) -> None:
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    with open(path, "xb") as f:
+        image.save(f, format="PNG", pnginfo=info)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claim_name(tmp: Path, outdir: Path, prefix: str, seed: int | None) -> Path:
+    n = next_sequence_number(outdir, prefix)
+    for _ in range(_MAX_NAME_TRIES):
+        final = outdir / _sequence_name(n, prefix, seed)
+        try:
+            _publish(tmp, final)
+            return final
+        except FileExistsError:
+            n += 1
+    raise FileExistsError(f"no free file name in {outdir} after {_MAX_NAME_TRIES} tries from number {n}")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the finished file ``tmp`` the name ``final``; FileExistsError when that name is taken."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in _NO_LINK_ERRNOS:
+            raise
+        # No hard links here: reserve the name exclusively, then move the finished file over the
+        # reservation. An interruption between the two leaves an empty file, never a partial PNG.
+        log.debug("os.link unsupported in %s (%s); reserving the name instead", final.parent, e)
+        with open(final, "xb"):
+            pass
+        os.replace(tmp, final)
+
+
+def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode_user_comment(raw: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte charset code, then the text (A1111 writes "UNICODE" + UTF-16-BE)."""
+    if isinstance(raw, str):
+        return raw
+    code, body = raw[:8], raw[8:]
+    if code == b"UNICODE\0":
+        return body.decode(_utf16_order(body), errors="replace")
+    if code in (b"ASCII\0\0\0", b"\0" * 8):
+        return body.decode("utf-8", errors="replace").rstrip("\0")
+    return raw.decode("utf-8", errors="replace")
+
+
+def _utf16_order(body: bytes) -> str:
+    # piexif (A1111) writes big-endian; some tools write little-endian. Mostly-ASCII text has its zero
+    # bytes first in big-endian pairs.
+    if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+        return "utf-16"
+    return "utf-16-be" if body[0::2].count(0) >= body[1::2].count(0) else "utf-16-le"
