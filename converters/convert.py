@@ -1,0 +1,246 @@
+"""`sdonnx convert`: a checkpoint (diffusers folder, single file, or hub id) -> an sdonnx model folder.
+
+The folder is built beside the target under a temporary name and moved into place only when every
+component has passed its parity check; the manifest is written last, so an interrupted convert never
+leaves anything that loads.
+"""
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdonnx.infotext import model_hash
+from sdonnx.manifest import (FAMILIES, MANIFEST_NAME, PREDICTIONS, Component, Manifest, NoiseSchedule,
+                             TextEncoderInfo)
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DTYPES = ("fp32", "fp16")
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+class ConvertError(Exception):
+    """A convert that cannot go ahead; the message says why and what to do."""
+
+
+@dataclass
+class Loaded:
+    """A source loaded into torch modules plus the facts the manifest needs."""
+
+    text_encoder: object
+    unet: object
+    vae: object
+    tokenizer: object
+    family: str
+    prediction_type: str
+    noise_schedule: NoiseSchedule
+    name: str
+    model_hash: str | None
+    source: dict
+
+
+def convert(source, outdir, *, force=False, family=None, prediction=None, dtype="fp32", tolerance=None,
+            progress=None):
+    """Convert `source` into `outdir`; returns the Manifest. `progress(message)` reports each stage."""
+    report = progress or (lambda message: log.info(message))
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype == "fp16":
+        raise ConvertError("--dtype fp16 is not available yet (it comes with the performance work); use fp32")
+    if family is not None and family not in FAMILIES:
+        raise ConvertError(f"family {family!r} is not supported; choose one of {', '.join(FAMILIES)}")
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ConvertError(f"prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+    outdir = Path(outdir).absolute()
+    if outdir.exists() and not outdir.is_dir():
+        raise ConvertError(f"output {str(outdir)!r} exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not force:
+        raise ConvertError(f"output folder {str(outdir)!r} is not empty; pass --force to replace it")
+    report(f"loading {source}")
+    loaded = load_source(source, family=family, prediction=prediction)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    try:
+        manifest = _build(loaded, staging, tolerance or DEFAULT_TOLERANCE[dtype], report)
+        _replace_folder(staging, outdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report(f"wrote {outdir}")
+    return manifest
+
+
+def _build(loaded, staging, tolerance, report):
+    from .components import component_specs
+    from .export import export_component, parity_check, weight_map
+
+    components = {}
+    for spec in component_specs(loaded.text_encoder, loaded.unet, loaded.vae):
+        report(f"exporting {spec.name}")
+        path = export_component(spec, staging)
+        report(f"checking {spec.name} against torch")
+        err = parity_check(spec, path, tolerance)
+        c = spec.contract
+        components[spec.name] = Component(
+            path=str(path.relative_to(staging)), inputs={k: list(v) for k, v in c.inputs.items()},
+            outputs={k: list(v) for k, v in c.outputs.items()}, input_dtypes=dict(c.input_dtypes),
+            weights={f"{spec.weight_namespace}.{k}": v for k, v in weight_map(spec, path).items()},
+            parity_max_abs_err=err)
+    text_info = _save_tokenizer(loaded, staging)
+    manifest = _manifest(loaded, components, text_info)
+    # last: a folder without its manifest is not a model
+    (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
+
+
+def _save_tokenizer(loaded, staging):
+    (staging / "tokenizer").mkdir()
+    loaded.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"))
+    tok, te = loaded.tokenizer, loaded.text_encoder.config
+    return TextEncoderInfo(
+        component="text_encoder", tokenizer="tokenizer/tokenizer.json", hidden_size=te.hidden_size,
+        num_layers=te.num_hidden_layers, max_length=te.max_position_embeddings,
+        bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+
+def _manifest(loaded, components, text_info):
+    import diffusers
+    import torch
+    import transformers
+
+    from sdonnx import __version__
+
+    unet, vae = loaded.unet.config, loaded.vae.config
+    return Manifest(
+        name=loaded.name, family=loaded.family, prediction_type=loaded.prediction_type,
+        components=components, text_encoders=[text_info], noise_schedule=loaded.noise_schedule,
+        latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
+        vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
+        vae_scaling_factor=float(vae.scaling_factor), sample_size=int(unet.sample_size),
+        model_hash=loaded.model_hash, source=loaded.source,
+        converter={"sdonnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                   "transformers": transformers.__version__, "dtype": "fp32", "tolerance_rel": None})
+
+
+def _replace_folder(staging, outdir):
+    """Move the finished staging folder to outdir; an old outdir is moved aside first and then removed."""
+    old = None
+    if outdir.exists():
+        old = outdir.with_name(f".{outdir.name}.old-{os.getpid()}")
+        # the old manifest goes first, so a crash between the two renames leaves no stale model loading
+        (outdir / MANIFEST_NAME).unlink(missing_ok=True)
+        outdir.rename(old)
+    staging.rename(outdir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- sources
+
+def load_source(source, *, family=None, prediction=None):
+    """Load a diffusers folder, a single-file checkpoint or a hub id into torch modules."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise ConvertError(f"{source!r} is a folder but not a diffusers model (no model_index.json); "
+                               f"give a diffusers folder, a .safetensors/.ckpt file or a hub id")
+        return _load_diffusers(path, family, prediction, name=path.name, source={"kind": "diffusers", "path": str(path)})
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise ConvertError(f"checkpoint file {source!r} does not exist")
+        return _load_single_file(path, family, prediction)
+    if _looks_like_hub_id(source):
+        return _load_diffusers(_download(source), family, prediction, name=source.split("/")[-1],
+                               source={"kind": "hub", "id": source})
+    raise ConvertError(f"{source!r} is not a folder, a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}) "
+                       f"or a hub id like 'org/name'")
+
+
+def _looks_like_hub_id(source):
+    parts = str(source).split("/")
+    return len(parts) == 2 and all(parts) and not str(source).startswith((".", "/", "~"))
+
+
+def _download(repo_id):
+    """Fetch a diffusers repo from the hub (weights as safetensors only); clear error when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*",
+            "text_encoder/*.safetensors", "unet/*.safetensors", "vae/*.safetensors"],
+            ignore_patterns=["*fp16*", "*non_ema*", "*.ckpt", "*.bin"]))
+    except Exception as e:  # the hub client raises many kinds (offline mode, DNS, 404, auth)
+        raise ConvertError(f"could not download {repo_id!r} from the model hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the network and the id, "
+                           f"or convert a local folder or checkpoint file instead") from e
+
+
+def _scheduler_facts(config):
+    return NoiseSchedule(beta_start=float(config.get("beta_start", 0.00085)),
+                         beta_end=float(config.get("beta_end", 0.012)),
+                         beta_schedule=config.get("beta_schedule", "scaled_linear"),
+                         num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+
+
+def _family_of_diffusers(unet, text_encoder):
+    if getattr(unet.config, "addition_embed_type", None) is not None:
+        raise ConvertError("this looks like an SDXL model (the UNet takes added text/time embeddings); "
+                           f"supported families: {', '.join(FAMILIES)}")
+    return "sd2" if unet.config.use_linear_projection or text_encoder.config.hidden_act == "gelu" else "sd1"
+
+
+def _load_diffusers(path, family, prediction, *, name, source):
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizerFast
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
+                                                     attn_implementation="eager")
+        tokenizer = CLIPTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConvertError(f"cannot load the diffusers model in {str(path)!r}: {e}") from e
+    sched_path = path / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
+    detected = _family_of_diffusers(unet, text_encoder)
+    return Loaded(
+        text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(), tokenizer=tokenizer,
+        family=family or detected, prediction_type=prediction or sched.get("prediction_type", "epsilon"),
+        noise_schedule=_scheduler_facts(sched), name=name, model_hash=None,
+        source={**source, "detected_family": detected})
+
+
+def _load_single_file(path, family, prediction):
+    from .checkpoint import CheckpointError, load_state_dict
+    from .single_file import detect, load_components, probe_v_prediction
+
+    try:
+        state = load_state_dict(path)
+        guess = detect(state)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from e
+    except ValueError as e:
+        raise ConvertError(f"{path.name}: {e}") from e
+    if family and family != guess.family:
+        log.warning("--family %s overrides the detected family %s", family, guess.family)
+        guess.family = family
+    parts = load_components(state, guess, prediction=prediction or guess.prediction)
+    del state
+    pred = prediction or guess.prediction
+    if pred is None:
+        pred = "v_prediction" if probe_v_prediction(parts["unet"]) else "epsilon"
+        log.info("prediction type probed from the UNet: %s", pred)
+    return Loaded(
+        text_encoder=parts["text_encoder"].eval(), unet=parts["unet"].eval(), vae=parts["vae"].eval(),
+        tokenizer=parts["tokenizer"], family=guess.family, prediction_type=pred,
+        noise_schedule=_scheduler_facts(parts.get("scheduler_config", {})), name=path.stem,
+        model_hash=model_hash(path),
+        source={"kind": "single_file", "path": str(path), "detected_family": guess.family,
+                "detected_prediction": guess.prediction})

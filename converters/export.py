@@ -1,0 +1,103 @@
+"""Export one component to ONNX, keep its weights named, and check it against torch."""
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with its torch module beyond tolerance."""
+
+
+def export_component(spec, outdir, opset=OPSET):
+    """Export spec.wrapper to outdir/<name>/model.onnx with external weights; returns the ONNX path."""
+    target = Path(outdir) / spec.name
+    target.mkdir(parents=True, exist_ok=True)
+    names = list(spec.contract.inputs) + list(spec.contract.outputs)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        raw = Path(tmp) / "raw.onnx"
+        torch.onnx.export(
+            spec.wrapper.eval(), spec.example, str(raw), dynamo=False, opset_version=opset,
+            input_names=list(spec.contract.inputs), output_names=list(spec.contract.outputs),
+            dynamic_axes=spec.contract.dynamic_axes(),
+            # unfolded and named: run-time LoRA replaces initializers by their checkpoint names
+            do_constant_folding=False, export_params=True,
+        )
+        model = onnx.load(str(raw), load_external_data=True)
+    _check_io(model, names, spec.name)
+    path = target / MODEL_FILE
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=0)
+    return path
+
+
+def _check_io(model, names, component):
+    got = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    if got != names:
+        raise RuntimeError(f"{component}: exported I/O {got} differ from the contract {names}")
+
+
+def _digest(array):
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def weight_map(spec, onnx_path):
+    """Map the component's torch weight names (diffusers naming) to ONNX initializer names.
+
+    Names survive export when constant folding is off; a weight the exporter merged with an identical
+    tensor is found by content. Weights the graph does not use (e.g. the VAE encoder inside the
+    decoder's wrapper) are left out.
+    """
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    init_names = {i.name for i in model.graph.initializer}
+    state = {k[len(spec.weight_prefix):] if k.startswith(spec.weight_prefix) else k: v
+             for k, v in spec.wrapper.state_dict().items()}
+    mapping = {name: spec.weight_prefix + name for name in state if spec.weight_prefix + name in init_names}
+    missing = [n for n in state if n not in mapping]
+    if missing:
+        model = onnx.load(str(onnx_path), load_external_data=True)
+        by_digest = {_digest(numpy_helper.to_array(i)): i.name for i in model.graph.initializer}
+        for name in missing:
+            found = by_digest.get(_digest(state[name].detach().cpu().numpy()))
+            if found:
+                mapping[name] = found
+    return mapping
+
+
+def parity_check(spec, onnx_path, tolerance):
+    """Run torch and ONNX Runtime (CPU) on the check inputs; returns the max abs error.
+
+    The error is measured relative to the output's own scale: |ort - torch| <= tolerance * max(1, |torch|max).
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for inputs in [spec.example, *spec.check]:
+        with torch.no_grad():
+            expected = spec.wrapper(*inputs)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        feeds = {name: t.numpy() for name, t in zip(spec.contract.inputs, inputs)}
+        actual = session.run(list(spec.contract.outputs), feeds)
+        for name, a, e in zip(spec.contract.outputs, actual, expected):
+            e = e.numpy()
+            err = float(np.abs(a.astype(np.float64) - e).max())
+            scale = max(1.0, float(np.abs(e).max()))
+            log.info("%s.%s %s: max abs err %.3g (scale %.3g)", spec.name, name, a.shape, err, scale)
+            if not err <= tolerance * scale:
+                raise ParityError(
+                    f"{spec.name}: output {name!r} differs from torch by {err:.3g} "
+                    f"(allowed {tolerance * scale:.3g}) for inputs of shapes {[tuple(t.shape) for t in inputs]}")
+            worst = max(worst, err)
+    return worst
