@@ -1,0 +1,101 @@
+"""Safe reading of single-file checkpoints (.safetensors, or .ckpt/.pt/.pth/.bin pickles).
+
+Pickles are read with `torch.load(weights_only=True)`: torch's restricted unpickler only rebuilds
+tensors and plain containers, so a file can never run code on load. Files that need more than that
+are refused with a CheckpointError that says so and points to safetensors.
+"""
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file cannot be read, is refused for safety, or is not a supported model."""
+
+
+def load_state_dict(path) -> dict:
+    """Read a checkpoint into {key: tensor}, unwrapping a top-level "state_dict" entry."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint extension {path.suffix!r}; "
+            f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    loaded = _load_safetensors(path) if suffix in SAFETENSORS_SUFFIXES else _load_pickle(path)
+    return _tensors_only(_unwrap(loaded, path), path)
+
+
+def read_metadata(path) -> dict:
+    """The string metadata of a .safetensors header ({} for pickles): may hold hints such as
+    `modelspec.prediction_type`."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any parse failure is the same problem for the user
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _load_pickle(path):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler refused a global (a class or function the file wants built).
+        raise CheckpointError(
+            f"{path}: refused to load. The file contains code or Python objects that a safe "
+            f"weights-only load refuses to run (only tensors and plain containers are allowed): "
+            f"{_refusal_reason(e)}. If you trust the file's source, convert it to .safetensors "
+            f"with a trusted tool and load that instead."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _refusal_reason(error):
+    """The line of torch's long weights-only message that names what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
+            return line
+    return lines[-1] if lines else type(error).__name__
+
+
+def _unwrap(loaded, path):
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        return loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(loaded).__name__}")
+    return loaded
+
+
+def _tensors_only(state_dict, path):
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(set(state_dict) - set(tensors))
+    if skipped:
+        logger.debug("%s: ignoring %d non-tensor entries: %s", path, len(skipped), skipped[:10])
+    if not tensors:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return tensors
