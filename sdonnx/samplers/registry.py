@@ -1,0 +1,133 @@
+"""Sampler names as A1111 spells them: registry, per-sampler defaults and name resolution."""
+
+import dataclasses
+import re
+from types import MappingProxyType
+
+import numpy as np
+
+from sdonnx.samplers import dpm_solver, dpmpp, extra, karras
+from sdonnx.schedules import DEFAULT_RHO, SCHEDULER_NAMES, SCHEDULES
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerInfo:
+    """What A1111 knows about a sampler besides its function."""
+
+    fn: object
+    aliases: tuple = ()
+    schedule: str = "Uniform"  # what "Automatic" resolves to
+    discard_penultimate_sigma: bool = False
+    options: MappingProxyType = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # A1111 defaults
+
+
+_CHURN = MappingProxyType({"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0})
+_ANCESTRAL = MappingProxyType({"eta": 1.0, "s_noise": 1.0})
+
+# A1111's "Sampling method" list, in its UI order (modules/sd_samplers_kdiffusion.py & friends).
+SAMPLER_INFO = {
+    "DPM++ 2M": SamplerInfo(dpmpp.sample_dpmpp_2m, ("k_dpmpp_2m",), "Karras"),
+    "DPM++ SDE": SamplerInfo(dpmpp.sample_dpmpp_sde, ("k_dpmpp_sde",), "Karras", options=_ANCESTRAL),
+    "DPM++ 2M SDE": SamplerInfo(dpmpp.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), "Exponential", options=_ANCESTRAL),
+    "DPM++ 2M SDE Heun": SamplerInfo(dpmpp.sample_dpmpp_2m_sde_heun, ("k_dpmpp_2m_sde_heun",), "Exponential",
+                                     options=_ANCESTRAL),
+    "DPM++ 2S a": SamplerInfo(dpmpp.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), "Karras", options=_ANCESTRAL),
+    "DPM++ 3M SDE": SamplerInfo(dpmpp.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",), "Exponential", True, _ANCESTRAL),
+    "Euler a": SamplerInfo(karras.sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), options=_ANCESTRAL),
+    "Euler": SamplerInfo(karras.sample_euler, ("k_euler",), options=_CHURN),
+    "LMS": SamplerInfo(karras.sample_lms, ("k_lms",), options=MappingProxyType({"order": 4})),
+    "Heun": SamplerInfo(karras.sample_heun, ("k_heun",), options=_CHURN),
+    "DPM2": SamplerInfo(karras.sample_dpm_2, ("k_dpm_2",), "Karras", True, _CHURN),
+    "DPM2 a": SamplerInfo(karras.sample_dpm_2_ancestral, ("k_dpm_2_a",), "Karras", True, _ANCESTRAL),
+    "DPM fast": SamplerInfo(dpm_solver.sample_dpm_fast, ("k_dpm_fast",), options=_ANCESTRAL),
+    "DPM adaptive": SamplerInfo(dpm_solver.sample_dpm_adaptive, ("k_dpm_ad",), options=_ANCESTRAL),
+    "Restart": SamplerInfo(extra.sample_restart, ("restart",), "Karras", options=MappingProxyType({"s_noise": 1.0})),
+    "DDIM": SamplerInfo(karras.sample_ddim, ("ddim",), "DDIM", options=MappingProxyType({"eta": 0.0})),
+    "PLMS": SamplerInfo(extra.sample_plms, ("plms",), "DDIM"),
+    "LCM": SamplerInfo(extra.sample_lcm, ("k_lcm", "lcm")),
+}
+
+SAMPLERS = {name: info.fn for name, info in SAMPLER_INFO.items()}
+SAMPLER_NAMES = list(SAMPLER_INFO)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A sampler/schedule choice in A1111 display names, with the options to call the sampler with."""
+
+    sampler: str
+    schedule: str
+    options: dict = dataclasses.field(default_factory=dict)
+    discard_penultimate_sigma: bool = False
+
+
+def _key(name):
+    return re.sub(r"\s+", " ", name.strip()).casefold()
+
+
+def _lookup_tables():
+    samplers, schedules = {}, {}
+    for name, info in SAMPLER_INFO.items():
+        for alias in (name, *info.aliases):
+            samplers[_key(alias)] = name
+    for name in SCHEDULER_NAMES:
+        schedules[_key(name)] = name
+        schedules[_key(name.replace(" ", "_"))] = name  # A1111 internal ids: sgm_uniform, kl_optimal...
+    schedules[_key("SGMUniform")] = "SGM Uniform"
+    return samplers, schedules
+
+
+def _split_legacy(name, samplers, schedules):
+    """'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); None when no sampler+schedule split fits."""
+    key = _key(name)
+    for schedule_key, schedule in schedules.items():
+        suffix = " " + schedule_key
+        if key.endswith(suffix) and key[: -len(suffix)] in samplers:
+            return samplers[key[: -len(suffix)]], schedule
+    return None
+
+
+def _unknown(kind, name, choices):
+    return ValueError(f"unknown {kind} {name!r}; valid choices: {', '.join(choices)}")
+
+
+def resolve(sampler, scheduler="Automatic"):
+    """A1111 display name, legacy combined name ("DPM++ 2M Karras") or API alias -> Resolved."""
+    samplers, schedules = _lookup_tables()
+    schedule = "Automatic"
+    name = samplers.get(_key(sampler))
+    if name is None:
+        split = _split_legacy(sampler, samplers, schedules)
+        if split is None:
+            raise _unknown("sampler", sampler, SAMPLER_NAMES)
+        name, schedule = split
+    requested = schedules.get(_key(scheduler or "Automatic"))
+    if requested is None:
+        raise _unknown("schedule type", scheduler, SCHEDULER_NAMES)
+    if requested != "Automatic":
+        schedule = requested
+    info = SAMPLER_INFO[name]
+    if schedule == "Automatic":
+        schedule = info.schedule
+    return Resolved(name, schedule, dict(info.options), info.discard_penultimate_sigma)
+
+
+def build_sigmas(resolved, steps, model_sigmas, *, sigma_min=None, sigma_max=None, rho=None, **options):
+    """The sigmas a sampler runs on for `steps` steps: [steps + 1], ending in 0 (A1111 `get_sigmas`).
+
+    sigma_min/sigma_max default to the ends of the model's table; rho applies to Karras and
+    Polyexponential only. Samplers that discard the penultimate sigma get one extra sigma built and
+    the next-to-last removed, so the step count stays `steps`.
+    """
+    model_sigmas = np.asarray(model_sigmas, dtype=np.float64)
+    sigma_min = float(model_sigmas[0]) if sigma_min is None else float(sigma_min)
+    sigma_max = float(model_sigmas[-1]) if sigma_max is None else float(sigma_max)
+    if rho is not None:
+        if resolved.schedule not in DEFAULT_RHO:
+            raise ValueError(f"rho applies to {', '.join(DEFAULT_RHO)} schedules, not {resolved.schedule!r}")
+        options["rho"] = rho
+    n = steps + 1 if resolved.discard_penultimate_sigma else steps
+    sigmas = SCHEDULES[resolved.schedule](n, sigma_min, sigma_max, model_sigmas=model_sigmas, **options)
+    if resolved.discard_penultimate_sigma:
+        sigmas = np.append(sigmas[:-2], sigmas[-1])
+    return sigmas
