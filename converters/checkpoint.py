@@ -6,6 +6,7 @@ are refused with a CheckpointError that says so and points to safetensors.
 """
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -63,24 +64,28 @@ def _load_pickle(path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler refused a global (a class or function the file wants built).
-        raise CheckpointError(
-            f"{path}: refused to load. The file contains code or Python objects that a safe "
-            f"weights-only load refuses to run (only tensors and plain containers are allowed): "
-            f"{_refusal_reason(e)}. If you trust the file's source, convert it to .safetensors "
-            f"with a trusted tool and load that instead."
-        ) from None
+        raise CheckpointError(_refusal_message(path, e)) from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _refusal_reason(error):
-    """The line of torch's long weights-only message that names what was refused."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "unsupported global" in line.lower() or "unsupported operand" in line.lower():
-            return line
-    return lines[-1] if lines else type(error).__name__
+def _refusal_message(path, error):
+    """Why torch's weights-only unpickler refused the file, without its advice to allowlist globals."""
+    advice = "If you trust the file's source, convert it to .safetensors with a trusted tool and load that instead."
+    text = str(error)
+    wanted = re.search(r"GLOBAL ([\w.]+)", text)
+    if wanted:
+        return (
+            f"{path}: refused to load: the file contains code or Python objects that a safe weights-only "
+            f"load refuses (it asks to call or build {wanted.group(1)}; only tensors and plain containers "
+            f"are allowed). Nothing from it was run. {advice}"
+        )
+    operand = re.search(r"Unsupported operand[^\n]*", text)
+    detail = operand.group(0).strip() if operand else "unsupported pickle content"
+    return (
+        f"{path}: refused to load: not a readable torch checkpoint, or it contains code or Python objects "
+        f"that a safe weights-only load refuses ({detail}). Nothing from it was run. {advice}"
+    )
 
 
 def _unwrap(loaded, path):
