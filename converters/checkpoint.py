@@ -7,6 +7,7 @@ are refused with a CheckpointError that says so and points to safetensors.
 import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ def _load_safetensors(path):
 
 def _load_pickle(path):
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # Zip-format files (torch >= 1.6) are memory-mapped rather than read into RAM at once.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal_message(path, e)) from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad magic number, ...

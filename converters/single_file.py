@@ -62,7 +62,7 @@ class ModelGuess:
     in_channels: int
     context_dim: int  # cross-attention width = text encoder hidden size
     linear_projection: bool  # transformer proj_in is Linear (SD 2.x) rather than a 1x1 conv
-    prediction_source: str  # "marker", "family", "inpaint rule" or "undecided"
+    prediction_source: str  # "marker" (file says so), "family" (family rule) or "undecided"
 
 
 def detect(state_dict, metadata=None) -> ModelGuess:
@@ -96,8 +96,9 @@ def detect(state_dict, metadata=None) -> ModelGuess:
     prediction, source = _prediction_hint(state_dict, metadata)
     if prediction is None and family == "sd1":
         prediction, source = "epsilon", "family"
-    elif prediction is None and inpaint:
-        prediction, source = "epsilon", "inpaint rule"  # SD 2 inpainting is the 512 eps model
+    elif prediction is None and in_channels != 4:
+        # SD 2's extra-input variants (inpainting: 9 channels, depth: 5) are all 512 eps models.
+        prediction, source = "epsilon", "family"
     return ModelGuess(
         family=family,
         prediction=prediction,

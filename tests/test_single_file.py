@@ -152,9 +152,24 @@ def test_inpaint_unet_is_detected_and_built(pipe):
     state_dict[key] = torch.cat([weight, torch.randn(weight.shape[0], 5, *weight.shape[2:])], dim=1)
     guess = single_file.detect(state_dict)
     assert guess.inpaint and guess.in_channels == 9
-    assert guess.prediction == "epsilon"  # SD 2 inpainting is the 512 eps model (A1111's rule)
+    assert (guess.prediction, guess.prediction_source) == ("epsilon", "family")  # SD 2 inpainting: 512 eps
     unet = single_file.load_components(state_dict, guess)["unet"]
     assert unet.config.in_channels == 9 and unet.config.out_channels == 4
+
+
+def test_text_encoder_saved_by_old_transformers_without_text_model_prefix():
+    pipe = make_pipeline("sd1")
+    old = {k.replace(".transformer.text_model.", ".transformer."): v for k, v in to_original(pipe).items()}
+    parts = single_file.load_components(old, single_file.detect(old))
+    ids = torch.randint(0, 49408, (1, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(parts["text_encoder"](ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state)
+
+
+def test_missing_vae_is_named():
+    state_dict = {k: v for k, v in to_original(make_pipeline("sd1")).items() if not k.startswith("first_stage_model.")}
+    with pytest.raises(CheckpointError, match=r"no VAE weights \(first_stage_model\.\*\)"):
+        single_file.load_components(state_dict, single_file.detect(state_dict))
 
 
 def test_unknown_layouts_are_refused_by_name():
@@ -249,6 +264,7 @@ class _WritesMarker:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_without_running(tmp_path):
     # The payload is live: an unsafe unpickler really creates its marker.
     control = tmp_path / "control_marker"
