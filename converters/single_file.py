@@ -114,8 +114,9 @@ def detect(state_dict, metadata=None) -> ModelGuess:
 def probe_v_prediction(unet) -> bool:
     """True when a UNet predicts v rather than eps, decided by running it once (A1111's SD 2 test).
 
-    At t=999 almost all of x_t is noise, so an eps model returns roughly its input while a v model
-    returns roughly -x0 - a large negative offset. Input and context are constant 0.5.
+    At t=999 x_t is almost pure noise, so an eps model's output stays close to its input, while a
+    v model's (v ~ -x0 there) lands well below it. Input and context are constant 0.5; as in A1111,
+    a mean output-minus-input below -1 means v.
     """
     param = next(unet.parameters())
     config = unet.config
