@@ -21,8 +21,12 @@ def betas_from_config(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 
 
 def model_sigmas(betas):
-    """Ascending noise levels of the discrete model (Ho et al. 2020 in Karras et al. 2022 form)."""
-    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    """Ascending noise levels of the discrete model (Ho et al. 2020 in Karras et al. 2022 form).
+
+    alphas_cumprod is rounded to float32 as CompVis/A1111 and diffusers store it; at t=0 that moves
+    sigma by ~1e-5 relative (1 - alphas_cumprod cancels), and every sigma_min users know carries it.
+    """
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)).astype(np.float32).astype(np.float64)
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
