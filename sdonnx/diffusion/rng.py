@@ -4,6 +4,9 @@ Two sources, as A1111's "Random number generator source" setting:
 
 - "cpu": torch's CPU generator (MT19937) and torch's CPU `normal_` transforms, reproduced bit for bit
   (scalar Box-Muller in double for tensors under 16 elements, the vectorised float32 fill otherwise).
+  The float32 fill is torch's x86-64 AVX2 kernel (avx_mathfun.h Cephes log/sincos, with the
+  multiply-adds GCC fuses in the Linux wheels); torch's generic kernel (libm, used on CPUs without
+  AVX2 and on ARM) differs from it in the last bits of many elements.
 - "nv": A1111's numpy imitation of `torch.randn` on an NVIDIA GPU (`modules/rng_philox.py`): Philox
   4x32-10 keyed by the seed, counter (offset, 0, index, 0), Box-Muller keeping the sine of curand's pair.
 
@@ -147,7 +150,10 @@ def _box_muller_16(u):
 
 
 class TorchCPUGenerator:
-    """`torch.Generator("cpu").manual_seed(seed)` and `torch.randn(shape, generator=...)` in numpy."""
+    """`torch.Generator("cpu").manual_seed(seed)` and `torch.randn(shape, generator=...)` in numpy.
+
+    Seeds as torch takes them: ints in [-2**63, 2**64), of which MT19937 uses the low 32 bits.
+    """
 
     def __init__(self, seed):
         self.seed = _seed_u64(seed)
@@ -334,21 +340,25 @@ class ImageRNG:
     def first(self):
         """Initial noise: [B, C, H, W] float32."""
         self.is_first = False
-        noise_shape = self._noise_shape()
-        xs = []
-        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators)):
-            # A1111 draws seed-resized and subseed noise from fresh generators, the rest from the image's own
-            noise = generator.randn(self.shape) if noise_shape == self.shape else randn(seed, noise_shape, self.source)
-            if self.subseeds is not None and self.subseed_strength != 0:
-                subseed = self.subseeds[i] if i < len(self.subseeds) else 0
-                noise = slerp(self.subseed_strength, noise, randn(subseed, noise_shape, self.source))
-            if noise_shape != self.shape:
-                noise = _paste_centred(generator.randn(self.shape), noise)
-            xs.append(noise)
+        xs = [self._first_noise(i, seed, generator)
+              for i, (seed, generator) in enumerate(zip(self.seeds, self.generators))]
         if self.eta_noise_seed_delta:
             self.generators = [create_generator(seed + self.eta_noise_seed_delta, self.source)
                                for seed in self.seeds]
         return np.stack(xs).astype(np.float32)
+
+    def _first_noise(self, i, seed, generator):
+        """One image's initial noise: [C, H, W]. Noise at another size and subseed noise come from fresh
+        generators, as A1111 draws them; the image's own generator always advances by one draw."""
+        noise_shape = self._noise_shape()
+        resized = noise_shape != self.shape
+        noise = randn(seed, noise_shape, self.source) if resized else generator.randn(self.shape)
+        if self.subseeds is not None and self.subseed_strength != 0:
+            subseed = self.subseeds[i] if i < len(self.subseeds) else 0
+            noise = slerp(self.subseed_strength, noise, randn(subseed, noise_shape, self.source))
+        if resized:
+            noise = _paste_centred(generator.randn(self.shape), noise)
+        return noise
 
     def next(self):
         """Next draw of each image's stream: [B, C, H, W] float32."""
