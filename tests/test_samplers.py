@@ -399,3 +399,26 @@ def test_every_sampler_runs_on_its_automatic_schedule(name):
     assert out.dtype == np.float32 and out.shape == x.shape and np.isfinite(out).all()
     assert calls and set(calls[0]) == {"i", "x", "sigma", "sigma_hat", "denoised"}
     assert np.abs(out).max() < 2  # denoised toy outputs stay within ~0.6 + small
+
+
+@pytest.mark.parametrize("order, variant", [(1, "bh2"), (2, "bh2"), (3, "bh1"), (3, "bh2")])
+@pytest.mark.parametrize("steps", [3, 12])
+def test_unipc_matches_diffusers(order, variant, steps):
+    """diffusers' UniPC on the same sigmas (its bh1 turns the final step to sigma 0 into NaN: B(h) = -inf,
+    so bh1 is compared with the run stopping at sigma_min, the one schedule not ending in 0 here)."""
+    diffusers = pytest.importorskip("diffusers")
+    final = "zero" if variant == "bh2" else "sigma_min"
+    scheduler = diffusers.UniPCMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", solver_order=order,
+        solver_type=variant, lower_order_final=True, final_sigmas_type=final, timestep_spacing="linspace")
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy().astype(np.float64)
+    np.testing.assert_allclose(sigmas[:-1], MODEL_SIGMAS[scheduler.timesteps.numpy()], rtol=2e-5)
+    sigmas[:-1] = MODEL_SIGMAS[scheduler.timesteps.numpy()]  # same table values as ddim_denoise's lookup
+    sigmas[-1] = 0.0 if final == "zero" else MODEL_SIGMAS[0]
+    x_vp = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+    x = (x_vp * math.sqrt(1 + sigmas[0] ** 2)).astype(np.float32)
+    ours = SAMPLERS["UniPC"](ddim_denoise, x, sigmas, order=order, variant=variant)
+    ours = (ours / math.sqrt(1 + sigmas[-1] ** 2)).astype(np.float32)  # diffusers returns the VP latent
+    ref = run_diffusers(scheduler, steps, x_vp)
+    assert_close(ours, ref)

@@ -1,4 +1,6 @@
-"""A1111's samplers outside k-diffusion 0.1: Restart, LCM and PLMS, written in sigma space."""
+"""A1111's samplers outside k-diffusion 0.1: Restart, LCM, PLMS and UniPC, written in sigma space."""
+
+import math
 
 import numpy as np
 
@@ -111,4 +113,70 @@ def sample_plms(denoise, x, sigmas, *, noise_sampler=None, callback=None):
             eps_prime = sum(w * e for w, e in zip(PLMS_WEIGHTS[len(history)], history))
         x = x + eps_prime * (sigma_next - sigma)
         old_eps = [*old_eps[-2:], eps]
+    return x
+
+
+def _unipc_coefficients(lambdas, lambda_t, order, variant):
+    """UniPC's B(h), phi_1 term, difference ratios r_k and the (R, b) system (Zhao et al. 2023, Alg. 2/3).
+
+    lambdas: log-SNR/2 of the stored points, newest last; the newest is the step's start s0.
+    """
+    lambda_s0 = lambdas[-1]
+    h = lambda_t - lambda_s0
+    hh = -h  # data-prediction form
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    rks = [(lambdas[-(k + 1)] - lambda_s0) / h for k in range(1, order)] + [1.0]
+    h_phi_k, factorial, rows, b = h_phi_1 / hh - 1, 1, [], []
+    for i in range(1, order + 1):
+        rows.append([rk ** (i - 1) for rk in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return h_phi_1, b_h, rks[:-1], np.array(rows), np.array(b)
+
+
+def _unipc_update(x, sigma_s0, sigma_t, history, order, variant, denoised_t=None):
+    """UniP predictor (denoised_t None) or UniC corrector step from history[-1] to sigma_t."""
+    lambdas = [lam for lam, _ in history]
+    m0 = history[-1][1]
+    h_phi_1, b_h, rks, rows, b = _unipc_coefficients(lambdas, -math.log(sigma_t), order, variant)
+    d1s = [(history[-(k + 2)][1] - m0) / rk for k, rk in enumerate(rks)]
+    x_t = (sigma_t / sigma_s0) * x - h_phi_1 * m0
+    if denoised_t is None:
+        if not d1s:
+            return x_t
+        rhos = [0.5] if order == 2 else np.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
+        return x_t - b_h * sum(rho * d1 for rho, d1 in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else np.linalg.solve(rows, b).tolist()
+    correction = sum(rho * d1 for rho, d1 in zip(rhos[:-1], d1s)) + rhos[-1] * (denoised_t - m0)
+    return x_t - b_h * correction
+
+
+def sample_unipc(denoise, x, sigmas, *, noise_sampler=None, callback=None, order=3, variant="bh1",
+                 lower_order_final=True):
+    """UniPC multistep predictor-corrector in data-prediction form (Zhao et al. 2023, arXiv:2302.04867).
+
+    Follows diffusers' UniPCMultistepScheduler (predict_x0, corrector after every step but the last)
+    in sigma space; A1111's defaults: order 3, variant "bh1", lower order on the final steps. A1111 runs
+    UniPC on its own continuous-time grid; here it runs on whichever schedule `sigmas` holds.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    sigmas = as_sigmas(sigmas)
+    steps = len(sigmas) - 1
+    history, x_last, step_order = [], None, 1
+    for i in range(steps):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        report(callback, i, x, sigma, denoised)
+        if i > 0:
+            x = _unipc_update(x_last, float(sigmas[i - 1]), sigma, history, step_order, variant, denoised)
+        history = [*history, (-math.log(sigma), denoised)][-order:]
+        step_order = min(order, steps - i, i + 1) if lower_order_final else min(order, i + 1)
+        x_last = x
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = _unipc_update(x, sigma, sigma_next, history, step_order, variant)
     return x

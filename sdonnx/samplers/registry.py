@@ -44,6 +44,8 @@ SAMPLER_INFO = {
     "Restart": SamplerInfo(extra.sample_restart, ("restart",), "Karras", options=MappingProxyType({"s_noise": 1.0})),
     "DDIM": SamplerInfo(karras.sample_ddim, ("ddim",), "DDIM", options=MappingProxyType({"eta": 0.0})),
     "PLMS": SamplerInfo(extra.sample_plms, ("plms",), "DDIM"),
+    "UniPC": SamplerInfo(extra.sample_unipc, ("unipc",),
+                         options=MappingProxyType({"order": 3, "variant": "bh1", "lower_order_final": True})),
     "LCM": SamplerInfo(extra.sample_lcm, ("k_lcm", "lcm")),
 }
 
