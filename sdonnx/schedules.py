@@ -1,9 +1,11 @@
 """Sigma schedules by A1111 "Schedule type" name: `fn(n, sigma_min, sigma_max, **options) -> sigmas`.
 
-Every schedule returns n + 1 descending float64 sigmas ending in 0 (n sampler steps). Schedules built
-from the model's discrete noise levels take `model_sigmas=` (the ascending table from
-`sdonnx.diffusion.sigmas.model_sigmas`). Karras, Exponential and Polyexponential follow k-diffusion's
-`get_sigmas_*`; the rest follow A1111's `modules/sd_schedulers.py`.
+Every schedule returns n + 1 descending float64 sigmas ending in 0 (n sampler steps). All accept
+`model_sigmas=` (the ascending table from `sdonnx.diffusion.sigmas.model_sigmas`) so callers can pass
+it uniformly; Uniform, SGM Uniform, Simple, Normal and DDIM need it, the others ignore it. Options
+beyond that: rho (Karras 7, Polyexponential 1), sdxl (Align Your Steps), alpha/beta (Beta, 0.6/0.6).
+Karras, Exponential and Polyexponential follow k-diffusion's `get_sigmas_*`; the rest follow A1111's
+`modules/sd_schedulers.py` (differences noted per function).
 """
 
 import math

@@ -53,6 +53,7 @@ class BrownianTreeNoiseSampler:
         self.t0, self.t1 = float(min(sigma_min, sigma_max)), float(max(sigma_min, sigma_max))
         self.dtype = np.dtype(dtype)
         self.tol = tol
+        self._recent = {}  # a few W(t) already built; values never depend on it
         if isinstance(seed, (int, np.integer)):
             self.seeds = (int(seed),)
         else:
@@ -61,10 +62,14 @@ class BrownianTreeNoiseSampler:
                 raise ValueError(f"got {len(self.seeds)} seeds for a batch of {self.x_shape[0]}")
 
     def w(self, t):
-        """W(t) for the whole batch: float64 [*x_shape]."""
-        if len(self.seeds) == 1:
-            return brownian_path(t, self.t0, self.t1, self.seeds[0], self.x_shape, self.tol)
-        return np.stack([brownian_path(t, self.t0, self.t1, s, self.x_shape[1:], self.tol) for s in self.seeds])
+        """W(t) for the whole batch: float64 [*x_shape]. Memoised: consecutive steps share an end."""
+        if t not in self._recent:
+            if len(self.seeds) == 1:
+                w = brownian_path(t, self.t0, self.t1, self.seeds[0], self.x_shape, self.tol)
+            else:
+                w = np.stack([brownian_path(t, self.t0, self.t1, s, self.x_shape[1:], self.tol) for s in self.seeds])
+            self._recent = {**dict(list(self._recent.items())[-3:]), t: w}
+        return self._recent[t]
 
     def __call__(self, sigma, sigma_next):
         sigma, sigma_next = float(sigma), float(sigma_next)
