@@ -45,7 +45,3 @@ def churn_gamma(s_churn, steps, sigma, s_tmin, s_tmax):
     """Karras et al. (2022) Algorithm 2 churn: how far to raise sigma before the step."""
     return min(s_churn / steps, 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
 
-
-def cast_like(value, x):
-    """value in x's dtype (python-float arithmetic may promote)."""
-    return np.asarray(value, dtype=x.dtype)
