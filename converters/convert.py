@@ -65,6 +65,7 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
     try:
         manifest = _build(loaded, staging, tolerance or DEFAULT_TOLERANCE[dtype], report)
+        _publishable(staging)
         _replace_folder(staging, outdir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,13 +88,31 @@ def _build(loaded, staging, tolerance, report):
         components[spec.name] = Component(
             path=str(path.relative_to(staging)), inputs={k: list(v) for k, v in c.inputs.items()},
             outputs={k: list(v) for k, v in c.outputs.items()}, input_dtypes=dict(c.input_dtypes),
-            weights={f"{spec.weight_namespace}.{k}": v for k, v in weight_map(spec, path).items()},
+            weights={_canonical_weight_name(spec.weight_namespace, k): v for k, v in weight_map(spec, path).items()},
             parity_max_abs_err=err)
     text_info = _save_tokenizer(loaded, staging)
     manifest = _manifest(loaded, components, text_info)
     # last: a folder without its manifest is not a model
     (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
+
+
+def _canonical_weight_name(namespace, name):
+    """diffusers-style names; the text encoder's always under `text_model.` (transformers 5 drops it),
+    as LoRA files name them (lora_te_text_model_encoder_...)."""
+    if namespace == "text_encoder" and not name.startswith("text_model."):
+        name = "text_model." + name
+    return f"{namespace}.{name}"
+
+
+def _publishable(folder):
+    """mkdtemp makes a private folder; give the model the usual permissions (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def _save_tokenizer(loaded, staging):

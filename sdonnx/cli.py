@@ -1,0 +1,148 @@
+"""The `sdonnx` command: click commands only; the work happens in the library."""
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .schedules import SCHEDULER_NAMES
+
+# the errors a user can cause; they print one line and exit non-zero, never a traceback
+USER_ERRORS = (ValueError, OSError)
+
+
+def _user_errors():
+    errors = list(USER_ERRORS)
+    try:  # converter errors exist only where the convert extra is installed
+        from converters.checkpoint import CheckpointError
+        from converters.convert import ConvertError
+
+        errors += [ConvertError, CheckpointError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _fail(error):
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
+@click.version_option(package_name="sdonnx")
+def main(verbose):
+    """Stable Diffusion through ONNX Runtime on any GPU vendor, without torch at run time."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--family", type=click.Choice(["sd1", "sd2"]), help="Override the family detected from the weights.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="Override the prediction type.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+def convert(source, outdir, force, family, prediction, dtype):
+    """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder."""
+    try:
+        from converters.convert import convert as run_convert
+    except ImportError as e:
+        _fail(f"converting needs the torch side: pip install 'sdonnx[convert]' ({e})")
+    try:
+        manifest = run_convert(source, outdir, force=force, family=family, prediction=prediction, dtype=dtype,
+                               progress=lambda message: click.echo(message, err=True))
+    except _user_errors() as e:
+        _fail(e)
+    click.echo(f"converted {manifest.name} ({manifest.family}, {manifest.prediction_type}) to {outdir}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", required=True, type=click.Path(), help="Converted model folder.")
+@click.option("-n", "--negative-prompt", default="", help="Negative prompt.")
+@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--cfg-scale", default=7.0, show_default=True, type=float)
+@click.option("--sampler", default="Euler a", show_default=True, help="A1111 sampler name, e.g. 'DPM++ 2M Karras'.")
+@click.option("--scheduler", default="Automatic", show_default=True, help="Schedule type: " + ", ".join(SCHEDULER_NAMES))
+@click.option("--seed", default=-1, show_default=True, type=int, help="-1 draws a random seed.")
+@click.option("-W", "--width", type=int, help="Image width (multiple of 8); default: the model's native size.")
+@click.option("-H", "--height", type=int, help="Image height (multiple of 8); default: the model's native size.")
+@click.option("--batch-size", default=1, show_default=True, type=int)
+@click.option("--batch-count", default=1, show_default=True, type=int)
+@click.option("--clip-skip", default=1, show_default=True, type=int)
+@click.option("--rng", type=click.Choice(["nv", "cpu"]), default="nv", show_default=True,
+              help="Random number source: nv reproduces A1111's GPU seeds, cpu its CPU seeds.")
+@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
+@click.option("--device-id", default=0, show_default=True, type=int)
+@click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
+def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
+             batch_size, batch_count, clip_skip, rng, provider, device_id, outdir):
+    """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
+    from .image import save_png
+    from .pipeline import Pipeline
+
+    try:
+        pipe = Pipeline.load(model, provider=provider, device_id=device_id)
+        args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
+                    sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
+                    batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng)
+        with click.progressbar(length=steps * batch_count, label="sampling", file=sys.stderr) as bar:
+            result = pipe.generate(**args, callback=lambda done, total: bar.update(done - bar.pos))
+        for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
+            path = save_png(image, outdir, infotext, seed=seed_used)
+            click.echo(str(path))
+    except _user_errors() as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+def info(model):
+    """Show what a converted model's manifest says."""
+    from .manifest import load_manifest
+
+    try:
+        m = load_manifest(model)
+    except _user_errors() as e:
+        _fail(e)
+    click.echo(f"name:            {m.name}")
+    click.echo(f"family:          {m.family}")
+    click.echo(f"prediction:      {m.prediction_type}")
+    click.echo(f"native size:     {m.native_size}x{m.native_size}")
+    click.echo(f"latent:          {m.latent_channels} channels, 1/{m.vae_scale_factor} scale, "
+               f"scaling factor {m.vae_scaling_factor}")
+    click.echo(f"unet inputs:     {m.unet_in_channels} channels{' (inpainting)' if m.is_inpaint else ''}")
+    click.echo(f"model hash:      {m.model_hash or '-'}")
+    for te in m.text_encoders:
+        click.echo(f"text encoder:    {te.hidden_size} wide, {te.num_layers} layers (clip skip 1..{te.num_layers})")
+    for name, c in m.components.items():
+        click.echo(f"{name + ':':16} {c.path} [{c.dtype}] parity max abs err {c.parity_max_abs_err:.3g}, "
+                   f"{len(c.weights)} named weights")
+    click.echo(f"converted with:  {', '.join(f'{k} {v}' for k, v in m.converter.items() if v)}")
+
+
+@main.command()
+def providers():
+    """Show the execution providers this machine offers."""
+    from .runtime import providers as p
+
+    try:
+        offered = p.available()
+    except p.ProviderError as e:
+        _fail(e)
+    flavours = p.installed_flavours()
+    click.echo(f"onnxruntime packages: {', '.join(flavours) or 'none'}")
+    conflict = p.flavour_conflict()
+    if conflict:
+        click.echo(f"warning: {conflict}", err=True)
+    for name in p.AUTO_ORDER:
+        mark = "available" if name in offered else "-"
+        click.echo(f"{name:9} {p.PROVIDERS[name]:28} {mark}")
+    click.echo(f"auto picks: {offered[0]}")
+    if conflict:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Orchestration: a generate call as a short list of named stages.
+
+request -> prompt conditioning -> sigmas -> initial noise (seeded) -> denoise loop (sampler) ->
+VAE decode -> images + infotext.
+"""
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .diffusion.denoiser import cfg_denoiser
+from .diffusion.rng import ImageRNG
+from .diffusion.sigmas import betas_from_config, model_sigmas
+from .image import latents_to_images
+from .infotext import format_infotext
+from .manifest import load_manifest
+from .runtime import providers as providers_mod
+from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
+from .samplers import SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
+from .text.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+# k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
+BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
+# A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
+# k-diffusion scaling is noise * sqrt(1 + sigma^2), not noise * sigma (diffusers' DDIM agrees)
+TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    seeds: list
+    infotexts: list  # one A1111 "parameters" text per image
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def infotext(self):
+        return self.infotexts[0] if self.infotexts else ""
+
+
+class Pipeline:
+    """A converted model folder, ready to generate. Sessions are created on first use and cached."""
+
+    def __init__(self, folder, manifest, plan):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.plan = plan
+        self._components = {}
+        info = manifest.text_encoders[0]
+        self.tokenizer = ClipTokenizer.from_model(self.folder, info)
+        ns = manifest.noise_schedule
+        self.model_sigmas = model_sigmas(betas_from_config(ns.beta_start, ns.beta_end, ns.beta_schedule,
+                                                           ns.num_train_timesteps))
+
+    @classmethod
+    def load(cls, path, provider="auto", device_id=0):
+        """Read the model folder's manifest and choose execution providers (no session is created yet)."""
+        manifest = load_manifest(path)
+        return cls(path, manifest, providers_mod.plan(provider, device_id))
+
+    @property
+    def providers(self):
+        return list(self.plan.names)
+
+    def _component(self, name):
+        if name not in self._components:
+            kind = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+            self._components[name] = kind[name](self.folder, self.manifest, name, self.plan)
+        return self._components[name]
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_prompts(self, texts, clip_skip=1):
+        """Plain prompts -> [B, 77, D]: truncated to 75 tokens, start/end tokens, padded (as diffusers)."""
+        tok = self.tokenizer
+        room = tok.max_length - 2
+        rows = []
+        for ids in tok.encode_batch(texts):
+            ids = [tok.bos_id, *ids[:room], tok.eos_id]
+            rows.append(ids + [tok.pad_id] * (tok.max_length - len(ids)))
+        return self._component("text_encoder")(np.asarray(rows, np.int64), clip_skip=clip_skip)
+
+    def decode(self, latents):
+        """latents: [B, C, h, w] in the sampler's scale -> PIL images."""
+        decoded = self._component("vae_decoder")(latents / self.manifest.vae_scaling_factor)
+        return latents_to_images(decoded)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
+                 scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
+                 latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, **sampler_options):
+        """txt2img. Returns GenerationResult(images, seeds, infotexts).
+
+        latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
+        first sigma. callback(step, total) is called after every sampler step of every batch.
+        noise_sampler(sigma, sigma_next) overrides the per-step noise of stochastic samplers (advanced: to
+        match another implementation's random stream).
+        """
+        m = self.manifest
+        width, height = _check_size(width or m.native_size, height or m.native_size, m.vae_scale_factor)
+        resolved = resolve(sampler, scheduler)
+        steps = _positive_int("steps", steps)
+        batch_size = _positive_int("batch_size", batch_size)
+        batch_count = _positive_int("batch_count", batch_count)
+        seed = random.randint(0, MAX_SEED) if seed is None or int(seed) == -1 else int(seed)
+        shape = (m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (batch_size, *shape):
+                raise ValueError(f"latents have shape {latents.shape}; expected {(batch_size, *shape)} "
+                                 f"for batch size {batch_size} at {width}x{height}")
+        sigmas = build_sigmas(resolved, steps, self.model_sigmas)
+        texts_cond = [prompt] * batch_size
+        cond = self.encode_prompts(texts_cond, clip_skip)
+        uncond = self.encode_prompts([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
+        denoise_args = (self._component("unet"), self.model_sigmas, m.prediction_type)
+        params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
+                  "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
+                  "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng),
+                  **{k.capitalize(): v for k, v in sampler_options.items()}, "Version": f"sdonnx {__version__}"}
+        images, seeds, infotexts = [], [], []
+        total = steps * batch_count
+        for n in range(batch_count):
+            batch_seeds = [seed + n * batch_size + j for j in range(batch_size)]
+            image_rng = ImageRNG(shape, batch_seeds, source=rng)
+            noise = latents if latents is not None else image_rng.first()
+            x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
+            step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
+            denoise = cfg_denoiser(*denoise_args, cond=cond, uncond=uncond, cfg_scale=cfg_scale)
+            on_step = _step_reporter(callback, n * steps, total)
+            x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
+                                           **{**resolved.options, **sampler_options})
+            images += self.decode(x)
+            seeds += batch_seeds
+            infotexts += [format_infotext(prompt, negative_prompt, {**params, "Seed": s}) for s in batch_seeds]
+        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params)
+
+
+def _initial_scale(sampler, sigma_max):
+    return (1.0 + sigma_max**2) ** 0.5 if sampler in TIMESTEP_SAMPLERS else sigma_max
+
+
+def _noise_sampler(resolved, x, sigmas, seeds, image_rng):
+    if resolved.sampler in BROWNIAN_SAMPLERS:
+        positive = sigmas[sigmas > 0]
+        return BrownianTreeNoiseSampler(x.shape, float(positive.min()), float(positive.max()), seed=seeds[0],
+                                        dtype=x.dtype)
+    return lambda sigma, sigma_next: image_rng.next()
+
+
+def _step_reporter(callback, offset, total):
+    if callback is None:
+        return None
+    state = {"done": offset}
+
+    def report(*args, **kwargs):
+        state["done"] += 1
+        callback(state["done"], total)
+
+    return report
+
+
+def _positive_int(name, value):
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _check_size(width, height, factor):
+    for name, value in (("width", width), ("height", height)):
+        if int(value) != value or value < factor or value % factor:
+            raise ValueError(f"{name} {value} is not a positive multiple of {factor}; "
+                             f"use a size like {max(factor, int(value) // factor * factor)}")
+    return int(width), int(height)

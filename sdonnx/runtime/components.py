@@ -1,0 +1,45 @@
+"""Thin facades over the ONNX graphs: the pipeline sees arrays in, arrays out, named by the manifest."""
+from pathlib import Path
+
+import numpy as np
+
+from .session import Session
+
+
+class _Component:
+    def __init__(self, folder, manifest, name, plan):
+        spec = manifest.components[name]
+        self.session = Session(Path(folder) / spec.path, plan, name=name)
+        self.manifest = manifest
+
+
+class TextEncoder(_Component):
+    def __call__(self, input_ids, clip_skip=1):
+        """input_ids: [B, T] -> hidden states [B, T, D] of layer -clip_skip, final layer norm applied."""
+        if clip_skip <= 1:
+            return self.session.run({"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
+        normed = self.session.run({"input_ids": input_ids}, ["hidden_states_normed"])["hidden_states_normed"]
+        if clip_skip > normed.shape[0]:
+            raise ValueError(f"clip skip {clip_skip} is more than the text encoder's {normed.shape[0]} layers")
+        return normed[-clip_skip]
+
+
+class UNet(_Component):
+    def __call__(self, sample, timestep, context):
+        """sample: [B, C, h, w], timestep: [B], context: [B, T, D] -> model output [B, C_out, h, w]."""
+        feeds = {"sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
+                 "encoder_hidden_states": context}
+        return self.session.run(feeds)["out_sample"]
+
+
+class VaeDecoder(_Component):
+    def __call__(self, latents):
+        """latents: [B, C, h, w] (already divided by the scaling factor) -> images [B, 3, H, W] in [-1, 1]."""
+        return self.session.run({"latent_sample": latents})["sample"]
+
+
+class VaeEncoder(_Component):
+    def __call__(self, images):
+        """images: [B, 3, H, W] in [-1, 1] -> (mean, logvar), each [B, C, h, w] (unscaled)."""
+        out = self.session.run({"sample": images})
+        return out["latent_mean"], out["latent_logvar"]

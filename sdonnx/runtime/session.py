@@ -1,0 +1,50 @@
+"""One wrapper around onnxruntime.InferenceSession: feeds validated, dtypes cast, outputs as float32."""
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+def session_options(plan):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if plan.disable_mem_pattern:
+        options.enable_mem_pattern = False
+    if plan.sequential:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    for key, value in plan.session_config.items():
+        options.add_session_config_entry(key, str(value))
+    return options
+
+
+class Session:
+    """run(feeds) -> {output name: array}, for one ONNX graph of a model folder."""
+
+    def __init__(self, path, plan, name=None):
+        import onnxruntime as ort
+
+        self.name = name or Path(path).parent.name
+        self._session = ort.InferenceSession(str(path), sess_options=session_options(plan), providers=plan.providers)
+        self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in self._session.get_inputs()}
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    @property
+    def providers(self):
+        return self._session.get_providers()
+
+    def run(self, feeds, outputs=None):
+        unknown = set(feeds) - set(self._inputs)
+        missing = set(self._inputs) - set(feeds)
+        if unknown or missing:
+            raise ValueError(f"{self.name}: feeds {sorted(feeds)} do not match the graph inputs {sorted(self._inputs)}")
+        cast = {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
+        names = list(outputs or self.output_names)
+        values = self._session.run(names, cast)
+        return {n: (v.astype(np.float32) if v.dtype == np.float16 else v) for n, v in zip(names, values)}
