@@ -26,14 +26,16 @@ class Contract:
 
 
 TEXT_ENCODER = Contract(
-    inputs={"input_ids": ("batch", "tokens")},
+    # the token-embedding lookup happens at run time in numpy (text/embeddings.py), so textual inversion
+    # adds rows there without touching the graph; input_ids only locate the end token for pooling
+    inputs={"input_ids": ("batch", "tokens"), "inputs_embeds": ("batch", "tokens", None)},
     outputs={
         "last_hidden_state": ("batch", "tokens", None),
         "pooled_output": ("batch", None),
         # every layer's output with the final layer norm applied: clip skip N reads [-N], no re-export
         "hidden_states_normed": (None, "batch", "tokens", None),
     },
-    input_dtypes={"input_ids": "int64"},
+    input_dtypes={"input_ids": "int64", "inputs_embeds": "float32"},
 )
 UNET = Contract(
     inputs={
@@ -64,12 +66,49 @@ def _text_core(model):
     return getattr(model, "text_model", model)
 
 
-class TextEncoderExport(torch.nn.Module):
-    def __init__(self, model):
+class _GivenEmbeddings(torch.nn.Module):
+    """Stands in for the token-embedding table during export: returns the embeddings fed to the graph."""
+
+    def __init__(self):
         super().__init__()
-        self.model = model
+        self.value = None
 
     def forward(self, input_ids):
+        return self.value
+
+
+def _detached_copy(module):
+    """A shallow copy whose child-module table is its own, so replacing a child leaves the original intact."""
+    import copy
+
+    clone = copy.copy(module)
+    clone._modules = type(module._modules)(module._modules)
+    return clone
+
+
+def token_embedding(model):
+    return _text_core(model).embeddings.token_embedding
+
+
+class TextEncoderExport(torch.nn.Module):
+    """(input_ids, inputs_embeds) -> last hidden state, pooled output, every layer's normed output.
+
+    The export copy's token-embedding table is swapped for a module returning `inputs_embeds`; position
+    embeddings, causal mask and pooling stay transformers' own code, whatever its version.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = _detached_copy(model)
+        core = _text_core(self.model)
+        if core is not self.model:
+            core = _detached_copy(core)
+            self.model.text_model = core
+        core.embeddings = _detached_copy(core.embeddings)
+        core.embeddings.token_embedding = self.given = _GivenEmbeddings()
+
+    def forward(self, input_ids, inputs_embeds):
+        self.given.value = inputs_embeds
         out = self.model(input_ids, output_hidden_states=True, return_dict=True)
         norm = _text_core(self.model).final_layer_norm
         normed = torch.stack([norm(h) for h in out.hidden_states[1:]])
@@ -135,12 +174,17 @@ def unet_odd_size(unet):
 def component_specs(text_encoder, unet, vae, seed=0):
     """The four graphs sdonnx exports, with example and check inputs drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    vocab = _text_core(text_encoder).embeddings.token_embedding.num_embeddings
+    vocab = token_embedding(text_encoder).num_embeddings
     max_len = _text_core(text_encoder).embeddings.position_embedding.num_embeddings
     odd = unet_odd_size(unet)
     lat_c = vae.config.latent_channels
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    ids = lambda b, t: (torch.randint(0, vocab, (b, t), generator=g),)  # noqa: E731
+    table = token_embedding(text_encoder).weight.detach()
+
+    def ids(b, t):
+        input_ids = torch.randint(0, vocab, (b, t), generator=g)
+        return input_ids, table[input_ids]
+
     lat = lambda b, h, w: (torch.randn(b, lat_c, h, w, generator=g),)  # noqa: E731
     img = lambda b, h, w: (torch.rand(b, 3, h, w, generator=g) * 2 - 1,)  # noqa: E731
     return [

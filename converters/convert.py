@@ -116,11 +116,18 @@ def _publishable(folder):
 
 
 def _save_tokenizer(loaded, staging):
+    from safetensors.torch import save_file
+
+    from .components import token_embedding
+
+    table = token_embedding(loaded.text_encoder).weight.detach().float().contiguous()
+    save_file({"weight": table}, str(staging / "text_encoder" / "token_embeddings.safetensors"))
     (staging / "tokenizer").mkdir()
     loaded.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"))
     tok, te = loaded.tokenizer, loaded.text_encoder.config
     return TextEncoderInfo(
-        component="text_encoder", tokenizer="tokenizer/tokenizer.json", hidden_size=te.hidden_size,
+        component="text_encoder", tokenizer="tokenizer/tokenizer.json",
+        token_embeddings="text_encoder/token_embeddings.safetensors", hidden_size=te.hidden_size,
         num_layers=te.num_hidden_layers, max_length=te.max_position_embeddings,
         bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
 

@@ -34,6 +34,7 @@ class TextEncoderInfo:
 
     component: str = "text_encoder"
     tokenizer: str = "tokenizer/tokenizer.json"
+    token_embeddings: str = "text_encoder/token_embeddings.safetensors"  # [vocab, hidden], key "weight"
     hidden_size: int = 768
     num_layers: int = 12
     max_length: int = 77

@@ -14,11 +14,28 @@ class _Component:
 
 
 class TextEncoder(_Component):
-    def __call__(self, input_ids, clip_skip=1):
-        """input_ids: [B, T] -> hidden states [B, T, D] of layer -clip_skip, final layer norm applied."""
+    """The CLIP text transformer; the token-embedding lookup happens here in numpy, so textual inversion
+    can hand in extra rows (`inputs_embeds`) without touching the graph."""
+
+    def __init__(self, folder, manifest, name, plan, info=None):
+        super().__init__(folder, manifest, name, plan)
+        from safetensors.numpy import load_file
+
+        info = info or manifest.text_encoders[0]
+        self.token_embeddings = load_file(str(Path(folder) / info.token_embeddings))["weight"]
+
+    def embed(self, input_ids):
+        """input_ids: [B, T] -> token embeddings [B, T, D]."""
+        return self.token_embeddings[np.asarray(input_ids)]
+
+    def __call__(self, input_ids, clip_skip=1, inputs_embeds=None):
+        """input_ids: [B, T] -> hidden states [B, T, D] of layer -clip_skip, final layer norm applied.
+
+        inputs_embeds, if given, replaces the table lookup (ids then only locate the end token)."""
+        feeds = {"input_ids": input_ids, "inputs_embeds": self.embed(input_ids) if inputs_embeds is None else inputs_embeds}
         if clip_skip <= 1:
-            return self.session.run({"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
-        normed = self.session.run({"input_ids": input_ids}, ["hidden_states_normed"])["hidden_states_normed"]
+            return self.session.run(feeds, ["last_hidden_state"])["last_hidden_state"]
+        normed = self.session.run(feeds, ["hidden_states_normed"])["hidden_states_normed"]
         if clip_skip > normed.shape[0]:
             raise ValueError(f"clip skip {clip_skip} is more than the text encoder's {normed.shape[0]} layers")
         return normed[-clip_skip]
