@@ -32,6 +32,10 @@ BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
 TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 
 
+class Interrupted(Exception):
+    """Raised from a generate callback to stop sampling (the server's interrupt)."""
+
+
 @dataclass
 class GenerationResult:
     images: list  # PIL images
@@ -117,9 +121,11 @@ class Pipeline:
                 raise ValueError(f"latents have shape {latents.shape}; expected {(batch_size, *shape)} "
                                  f"for batch size {batch_size} at {width}x{height}")
         sigmas = build_sigmas(resolved, steps, self.model_sigmas)
+        # --- conditioning start (prompt language: issue 4)
         texts_cond = [prompt] * batch_size
         cond = self.encode_prompts(texts_cond, clip_skip)
         uncond = self.encode_prompts([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
+        # --- conditioning end
         denoise_args = (self._component("unet"), self.model_sigmas, m.prediction_type)
         params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
