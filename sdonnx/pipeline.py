@@ -42,6 +42,7 @@ class GenerationResult:
     seeds: list
     infotexts: list  # one A1111 "parameters" text per image
     parameters: dict = field(default_factory=dict)
+    interrupted: bool = False  # a callback raised Interrupted: the images so far, the last one unfinished
 
     @property
     def infotext(self):
@@ -103,7 +104,9 @@ class Pipeline:
         """txt2img. Returns GenerationResult(images, seeds, infotexts).
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
-        first sigma. callback(step, total) is called after every sampler step of every batch.
+        first sigma. callback(step, total) is called after every sampler step of every batch; when it raises
+        Interrupted, sampling stops and the result holds the finished batches plus, as A1111 shows an
+        interrupted image, the current batch decoded from its last x0 estimate (result.interrupted is True).
         noise_sampler(sigma, sigma_next) overrides the per-step noise of stochastic samplers (advanced: to
         match another implementation's random stream).
         """
@@ -131,7 +134,7 @@ class Pipeline:
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
                   "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng),
                   **{k.capitalize(): v for k, v in sampler_options.items()}, "Version": f"sdonnx {__version__}"}
-        images, seeds, infotexts = [], [], []
+        images, seeds, infotexts, interrupted = [], [], [], False
         total = steps * batch_count
         for n in range(batch_count):
             batch_seeds = [seed + n * batch_size + j for j in range(batch_size)]
@@ -141,12 +144,19 @@ class Pipeline:
             step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
             denoise = cfg_denoiser(*denoise_args, cond=cond, uncond=uncond, cfg_scale=cfg_scale)
             on_step = _step_reporter(callback, n * steps, total)
-            x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
-                                           **{**resolved.options, **sampler_options})
-            images += self.decode(x)
-            seeds += batch_seeds
-            infotexts += [format_infotext(prompt, negative_prompt, {**params, "Seed": s}) for s in batch_seeds]
-        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params)
+            try:
+                x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
+                                               **{**resolved.options, **sampler_options})
+            except Interrupted:
+                interrupted, x = True, on_step.last_denoised
+            if x is not None:
+                images += self.decode(x)
+                seeds += batch_seeds
+                infotexts += [format_infotext(prompt, negative_prompt, {**params, "Seed": s}) for s in batch_seeds]
+            if interrupted:
+                break
+        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params,
+                                interrupted=interrupted)
 
 
 def _initial_scale(sampler, sigma_max):
@@ -166,10 +176,13 @@ def _step_reporter(callback, offset, total):
         return None
     state = {"done": offset}
 
-    def report(*args, **kwargs):
+    def report(info=None, *args, **kwargs):
         state["done"] += 1
+        if isinstance(info, dict) and info.get("denoised") is not None:
+            report.last_denoised = info["denoised"]
         callback(state["done"], total)
 
+    report.last_denoised = None
     return report
 
 
