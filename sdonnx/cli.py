@@ -144,5 +144,43 @@ def providers():
         sys.exit(1)
 
 
+@main.command()
+@click.option("-m", "--models", "models", required=True, multiple=True, type=click.Path(exists=True),
+              help="A converted model folder, or a folder of them (repeatable).")
+@click.option("--listen", is_flag=True, help="Bind all interfaces (default: 127.0.0.1 only).")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--api-auth", envvar="SDONNX_API_AUTH", help="user:pass[,user2:pass2]: HTTP basic auth on every route.")
+@click.option("--cors-allow-origins", default="", help="Comma-separated origins allowed to call the API from a browser.")
+@click.option("--cors-allow-origins-regex", default=None, help="Origins allowed, as a regular expression.")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Largest request body accepted.")
+@click.option("--lora-dir", multiple=True, type=click.Path(), help="LoRA folder (default: MODELS/Lora).")
+@click.option("--embeddings-dir", multiple=True, type=click.Path(), help="Embeddings folder (default: MODELS/embeddings).")
+@click.option("-o", "--outdir", default=None, type=click.Path(file_okay=False),
+              help="Where requests with save_images go (default: not saved).")
+@click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
+@click.option("--device-id", default=0, show_default=True, type=int)
+def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
+          embeddings_dir, outdir, provider, device_id):
+    """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        _fail(f"serving needs the serve extra: pip install 'sdonnx[serve]' ({e})")
+    roots = [Path(m) for m in models]
+    try:
+        app = create_app(models, provider=provider, device_id=device_id, api_auth=api_auth,
+                         cors_allow_origins=[o.strip() for o in cors_allow_origins.split(",") if o.strip()],
+                         cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
+                         lora_dirs=lora_dir or [r / "Lora" for r in roots],
+                         embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots], outdir=outdir)
+    except _user_errors() as e:
+        _fail(e)
+    host = "0.0.0.0" if listen else "127.0.0.1"
+    click.echo(f"sdonnx serving on http://{host}:{port}/ (API at /sdapi/v1)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else "warning")
+
+
 if __name__ == "__main__":
     main()

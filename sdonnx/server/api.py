@@ -1,0 +1,413 @@
+"""A1111's /sdapi/v1 routes: request -> validated generation plan -> worker job -> A1111 response."""
+import asyncio
+import inspect
+import io
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+
+from .. import __version__
+from ..image import read_infotext, save_png
+from ..infotext import parse_infotext
+from ..pipeline import MAX_SEED
+from ..samplers import SAMPLER_INFO, resolve
+from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
+from .codec import decode_bytes, decode_image, encode_png, latent_preview
+from .models import UnknownModel
+from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+
+MAX_SIDE = 4096
+MAX_BATCH = 64
+SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+# img2img keywords of Pipeline.generate; mask-only ones matter only when a mask is sent
+IMG2IMG_KWARGS = ("resize_mode",)
+MASK_KWARGS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+               "inpainting_mask_invert")
+
+
+class ApiError(Exception):
+    """An A1111-style error answer: status code and detail."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status_code, self.detail = status, detail
+
+
+@dataclass
+class Plan:
+    """A validated generation: what to run on which model, and what to report."""
+
+    mode: str
+    entry: object
+    kwargs: dict
+    seed: int
+    batch_size: int
+    n_iter: int
+    ignored: list
+    save: bool
+    info_extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    store: object
+    worker: object
+    outdir: Path | None = None
+    options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
+                                                   "eta_noise_seed_delta": 0, "samples_format": "png",
+                                                   "live_previews_enable": True})
+
+
+def build_router(state):
+    router = APIRouter(prefix="/sdapi/v1")
+
+    @router.post("/txt2img")
+    async def txt2img(req: Txt2ImgRequest, request: Request):
+        plan = plan_generation(state, req, "txt2img")
+        return await _generate(state, plan, req, request)
+
+    @router.post("/img2img")
+    async def img2img(req: Img2ImgRequest, request: Request):
+        plan = plan_generation(state, req, "img2img")
+        response = await _generate(state, plan, req, request)
+        if not req.include_init_images:
+            response["parameters"].update(init_images=None, mask=None)
+        return response
+
+    @router.post("/png-info")
+    async def png_info(req: PngInfoRequest):
+        raw = decode_bytes(req.image)
+        image = decode_image(req.image)
+        text = read_infotext(io.BytesIO(raw)) or ""
+        items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str)}
+        return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+    @router.get("/progress")
+    async def progress(skip_current_image: bool = False):
+        return progress_report(state.worker, skip_current_image)
+
+    @router.post("/interrupt")
+    async def interrupt():
+        state.worker.interrupt()
+        return {}
+
+    @router.post("/skip")
+    async def skip():
+        state.worker.skip()
+        return {}
+
+    @router.get("/samplers")
+    async def samplers():
+        return [{"name": name, "aliases": list(info.aliases), "options": _sampler_options(info)}
+                for name, info in SAMPLER_INFO.items()]
+
+    @router.get("/schedulers")
+    async def schedulers():
+        return [{"name": _schedule_id(label), "label": label, "aliases": None,
+                 "default_rho": DEFAULT_RHO.get(label, -1), "need_inner_model": False} for label in SCHEDULER_NAMES]
+
+    @router.get("/sd-models")
+    async def sd_models():
+        return [m.as_a1111() for m in state.store.models]
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints():
+        state.store.refresh()
+        return {}
+
+    @router.get("/loras")
+    async def loras():
+        return state.store.loras()
+
+    @router.post("/refresh-loras")
+    async def refresh_loras():
+        return {}  # listed from disk on every request
+
+    @router.get("/embeddings")
+    async def embeddings():
+        return state.store.embeddings()
+
+    @router.get("/options")
+    async def get_options():
+        return current_options(state)
+
+    @router.post("/options")
+    async def set_options(options: dict):
+        apply_options(state, options)
+        return None
+
+    # A1111 lists clients ask for at start-up; this server has none of these
+    for name in ("upscalers", "latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers",
+                 "prompt-styles", "realesrgan-models", "sd-modules"):
+        router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
+    router.add_api_route("/scripts", _no_scripts, methods=["GET"])
+    router.add_api_route("/cmd-flags", _no_flags, methods=["GET"])
+    return router
+
+
+async def _empty_list():
+    return []
+
+
+async def _no_scripts():
+    return {"txt2img": [], "img2img": []}
+
+
+async def _no_flags():
+    return {}
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def plan_generation(state, req, mode):
+    """Validate a request against the model and samplers before it queues; raises ApiError."""
+    overrides = dict(req.override_settings or {})
+    entry = _model_for(state, overrides.pop("sd_model_checkpoint", None))
+    manifest = entry.manifest
+    sampler = req.sampler_name or req.sampler_index or "Euler"
+    try:
+        resolved = resolve(sampler, req.scheduler or "Automatic")
+    except ValueError as e:
+        raise ApiError(404, str(e)) from None
+    _check_counts(req)
+    options = {**state.options, **overrides}
+    clip_skip = _int_option("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
+                  sampler=resolved.sampler, scheduler=resolved.schedule, clip_skip=clip_skip,
+                  rng=_rng_source(options["randn_source"]))
+    ignored = req.ignored_fields(handled=("denoising_strength",) if mode == "txt2img" else ())
+    ignored += [f"override_settings.{k}" for k in overrides if k not in state.options]
+    for name in SAMPLER_OPTIONS:
+        value = getattr(req, name)
+        if value is not None and name in resolved.options:
+            kwargs[name] = value
+        elif value is not None:
+            ignored.append(name)
+    width, height = req.width, req.height
+    if mode == "img2img":
+        width, height = _plan_img2img(req, kwargs, ignored, manifest.vae_scale_factor)
+    kwargs["width"], kwargs["height"] = _check_size(width or manifest.native_size, height or manifest.native_size,
+                                                    manifest.vae_scale_factor)
+    seed = random.randint(0, MAX_SEED) if req.seed == -1 else req.seed
+    return Plan(mode, entry, kwargs, seed, req.batch_size, req.n_iter, sorted(set(ignored)), req.save_images)
+
+
+def _plan_img2img(req, kwargs, ignored, factor):
+    """Decode the init image and mask into kwargs; the size defaults to the init image's, floored to `factor`."""
+    if not req.init_images:
+        raise ApiError(422, "img2img needs init_images: a list holding one base64-encoded image")
+    accepted = _generate_keywords()
+    if "init_image" not in accepted:
+        raise ApiError(501, "img2img is not available in this build: Pipeline.generate takes no init_image yet")
+    image = decode_image(req.init_images[0], "init_images[0]")
+    if len(req.init_images) > 1:
+        ignored.append("init_images[1:]")
+    kwargs.update(init_image=image, strength=req.denoising_strength)
+    wanted = {"resize_mode": req.resize_mode}
+    if req.mask is not None:
+        if "mask" not in accepted:
+            raise ApiError(501, "inpainting is not available in this build: Pipeline.generate takes no mask yet")
+        kwargs["mask"] = decode_image(req.mask, "mask")
+        wanted.update(mask_blur=req.mask_blur if req.mask_blur is not None else req.mask_blur_x,
+                      inpainting_fill=req.inpainting_fill, inpaint_full_res=req.inpaint_full_res,
+                      inpaint_full_res_padding=req.inpaint_full_res_padding,
+                      inpainting_mask_invert=req.inpainting_mask_invert)
+    for name, value in wanted.items():
+        if name in accepted:
+            kwargs[name] = value
+        else:
+            ignored.append(name)
+    return req.width or image.width // factor * factor, req.height or image.height // factor * factor
+
+
+def _generate_keywords():
+    from ..pipeline import Pipeline
+
+    return set(inspect.signature(Pipeline.generate).parameters)
+
+
+def _model_for(state, name):
+    try:
+        entry = state.store.find(name) if name else state.store.current
+    except UnknownModel as e:
+        raise ApiError(404, str(e)) from None
+    if entry is None:
+        raise ApiError(404, "no model to generate with: the models folder holds no converted model "
+                            "(convert one with `sdonnx convert`, then POST /sdapi/v1/refresh-checkpoints)")
+    return entry
+
+
+def _check_counts(req):
+    for name, value, top in (("steps", req.steps, 1000), ("batch_size", req.batch_size, MAX_BATCH),
+                             ("n_iter", req.n_iter, 1000)):
+        if not 1 <= value <= top:
+            raise ApiError(422, f"{name} must be between 1 and {top}, got {value}")
+
+
+def _check_size(width, height, factor):
+    for name, value in (("width", width), ("height", height)):
+        if value < factor or value > MAX_SIDE or value % factor:
+            raise ApiError(422, f"{name} {value} must be a multiple of {factor} between {factor} and {MAX_SIDE}")
+    return width, height
+
+
+def _int_option(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 24:
+        raise ApiError(422, f"{name} must be a whole number from 1 to 24, got {value!r}")
+    return value
+
+
+def _rng_source(value):
+    if value not in RNG_SOURCES:
+        raise ApiError(422, f"randn_source {value!r} is not one of {', '.join(RNG_SOURCES)}")
+    return RNG_SOURCES[value]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def run_plan(job, pipeline_for, plan, outdir):
+    """Worker side: generate plan.n_iter batches (so /skip can drop one), encode them, save if asked."""
+    pipe = pipeline_for(plan.entry)
+    preview = {"preview": job.preview} if "preview" in inspect.signature(pipe.generate).parameters else {}
+    job.job_count = plan.n_iter
+    images, seeds, infotexts, parameters = [], [], [], {}
+    for n in range(plan.n_iter):
+        if job.stop:
+            break
+        job.next_iteration(n)
+        result = pipe.generate(**plan.kwargs, seed=plan.seed + n * plan.batch_size, batch_size=plan.batch_size,
+                               batch_count=1, callback=job.callback, **preview)
+        images += result.images
+        seeds += result.seeds
+        infotexts += result.infotexts
+        parameters = result.parameters
+    if plan.save and outdir is not None:
+        for image, seed, text in zip(images, seeds, infotexts):
+            save_png(image, Path(outdir) / f"{plan.mode}-images", text, seed=seed)
+    encoded = [encode_png(image, text) for image, text in zip(images, infotexts)]
+    return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "parameters": parameters,
+            "interrupted": job.stop}
+
+
+async def _generate(state, plan, req, request):
+    job = state.worker.submit(lambda job, pipeline_for: run_plan(job, pipeline_for, plan, state.outdir), plan.mode)
+    outcome = await _wait(job, request)
+    return {"images": outcome["images"] if req.send_images else [], "parameters": req.model_dump(),
+            "info": json.dumps(_info(plan, req, outcome, job), ensure_ascii=False)}
+
+
+async def _wait(job, request):
+    """The job's result; a client that disconnects while waiting cancels its job (freeing the device)."""
+    future = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                job.cancel()
+                raise ApiError(499, "client closed the request")
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    except ValueError as e:  # the pipeline's own checks name the bad value
+        raise ApiError(422, str(e)) from None
+
+
+def _info(plan, req, outcome, job):
+    """A1111's `info` JSON, plus what this server ignored and whether the run was interrupted."""
+    kw, m = plan.kwargs, plan.entry
+    params = outcome["parameters"]
+    seeds = outcome["seeds"]
+    return {
+        "prompt": kw["prompt"], "all_prompts": [kw["prompt"]] * len(seeds),
+        "negative_prompt": kw["negative_prompt"], "all_negative_prompts": [kw["negative_prompt"]] * len(seeds),
+        "seed": seeds[0] if seeds else plan.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": kw["width"], "height": kw["height"], "sampler_name": kw["sampler"],
+        "scheduler": kw["scheduler"], "cfg_scale": kw["cfg_scale"], "steps": kw["steps"],
+        "batch_size": plan.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": kw.get("strength"), "extra_generation_params": _extra_params(params),
+        "index_of_first_image": 0, "infotexts": outcome["infotexts"], "styles": [],
+        "job_timestamp": job.timestamp, "clip_skip": kw["clip_skip"],
+        "is_using_inpainting_conditioning": plan.entry.manifest.is_inpaint, "version": f"sdonnx {__version__}",
+        "ignored_fields": plan.ignored, "interrupted": outcome["interrupted"],
+    }
+
+
+def _extra_params(params):
+    known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Version",
+             "Clip skip"}
+    return {k: v for k, v in params.items() if k not in known and isinstance(v, (str, int, float, bool))}
+
+
+# ---------------------------------------------------------------------------- progress, options
+
+
+def progress_report(worker, skip_current_image=False):
+    """A1111's /progress answer for the running job (zeros when idle)."""
+    job = worker.current
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+                "current_task": None, "queue_pending": worker.pending}
+    steps = max(job.steps, 1)
+    done = (job.job_no + min(job.step, steps) / steps) / max(job.job_count, 1)
+    elapsed = time.monotonic() - job.started if job.started else 0.0
+    state.update(skipped=job.skip, interrupted=job.stop, job=job.label, job_count=job.job_count,
+                 job_timestamp=job.timestamp, job_no=job.job_no, sampling_step=job.step, sampling_steps=job.steps)
+    image = None
+    if not skip_current_image and job.latents is not None:
+        preview = latent_preview(job.latents)
+        image = encode_png(preview) if preview is not None else None
+    return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": state,
+            "current_image": image, "textinfo": f"Step {job.step}/{job.steps}" if job.steps else "Starting",
+            "current_task": job.id, "queue_pending": worker.pending}
+
+
+def current_options(state):
+    current = state.store.current
+    return {**state.options, "sd_model_checkpoint": current.title if current else None,
+            "sd_checkpoint_hash": current.model_hash if current else None,
+            "outdir_samples": str(state.outdir) if state.outdir else ""}
+
+
+def apply_options(state, options):
+    """POST /options: switch the model, check the options generation reads, keep the rest as given."""
+    options = dict(options)
+    name = options.pop("sd_model_checkpoint", None)
+    if "CLIP_stop_at_last_layers" in options:
+        _int_option("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    if "randn_source" in options:
+        _rng_source(options["randn_source"])
+    if name:
+        try:
+            state.store.select(name)
+        except UnknownModel as e:
+            raise ApiError(404, str(e)) from None
+    for key in ("sd_checkpoint_hash", "outdir_samples"):
+        options.pop(key, None)
+    state.options.update(options)
+
+
+def _sampler_options(info):
+    options = {}
+    if info.schedule != "Uniform":
+        options["scheduler"] = _schedule_id(info.schedule)
+    if info.discard_penultimate_sigma:
+        options["discard_next_to_last_sigma"] = True
+    return options
+
+
+def _schedule_id(label):
+    return label.lower().replace(" ", "_")

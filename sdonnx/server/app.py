@@ -1,0 +1,203 @@
+"""The ASGI app: A1111's API and the web page, behind optional basic auth, CORS and a body size limit."""
+import base64
+import binascii
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from .api import ApiError, ServerState, build_router
+from .codec import BadImage
+from .models import ModelStore
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+
+
+def create_app(models, *, provider="auto", device_id=0, api_auth=None, cors_allow_origins=(),
+               cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
+               embedding_dirs=(), outdir=None, load_pipeline=None):
+    """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
+
+    models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
+    (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
+    """
+    if load_pipeline is None:
+        from ..pipeline import Pipeline
+
+        def load_pipeline(path):
+            return Pipeline.load(path, provider=provider, device_id=device_id)
+
+    sources = [models] if isinstance(models, (str, Path)) else list(models)
+    state = ServerState(ModelStore(sources, lora_dirs, embedding_dirs), Worker(load_pipeline),
+                        Path(outdir) if outdir else None)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.worker.start()
+        try:
+            yield
+        finally:
+            state.worker.stop()
+
+    app = FastAPI(title="sdonnx", version=__version__, lifespan=lifespan)
+    app.state.sdonnx = state
+    app.include_router(build_router(state))
+    _add_error_handlers(app)
+    _add_page(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_auth:
+        app.add_middleware(BasicAuth, credentials=parse_credentials(api_auth))
+    if cors_allow_origins or cors_allow_origins_regex:  # outermost: preflights need no credentials
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins or ()),
+                           allow_origin_regex=cors_allow_origins_regex, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials=True)
+    return app
+
+
+def _add_page(app):
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _error(status, error, detail):
+    """A1111's error body (modules/api/api.py handle_exception), without a traceback."""
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail, "body": "", "errors": detail})
+
+
+def _add_error_handlers(app):
+    @app.exception_handler(ApiError)
+    async def api_error(request, e):
+        return _error(e.status_code, "HTTPException", e.detail)
+
+    @app.exception_handler(BadImage)
+    async def bad_image(request, e):
+        return _error(422, "BadImage", str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return _error(e.status_code, "HTTPException", e.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e):
+        return JSONResponse(status_code=422, content={"detail": [_short(err) for err in e.errors()],
+                                                      "error": "RequestValidationError"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, e):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return _error(500, type(e).__name__, str(e))
+
+
+def _short(err):
+    """A validation error without echoing a long input (a whole base64 image) back."""
+    err = {k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")}
+    if not isinstance(err.get("input"), (int, float, bool)) and len(repr(err.get("input"))) > 200:
+        err.pop("input")
+    return err
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+def parse_credentials(text):
+    """ "user:pass[,user2:pass2]" -> [(b"user", b"pass"), ...]."""
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user:
+            raise ValueError(f"api auth entry {item.strip()!r} is not user:password")
+        pairs.append((user.encode(), password.encode()))
+    return pairs
+
+
+class BasicAuth:
+    """HTTP basic auth on every request; credentials compared in constant time."""
+
+    def __init__(self, app, credentials):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        response = JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
+                                headers={"WWW-Authenticate": 'Basic realm="sdonnx"'})
+        await response(scope, receive, send)
+
+    def _allowed(self, scope):
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        ok = False
+        for u, p in self.credentials:  # no early exit: every pair is compared
+            ok |= hmac.compare_digest(user, u) & hmac.compare_digest(password, p)
+        return ok
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for request bodies over max_bytes, by Content-Length or by counting a streamed body."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(scope, receive, send, length)
+        received, over = 0, False
+
+        async def limited_receive():
+            nonlocal received, over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                over = True
+                raise _TooLarge
+            return message
+
+        async def guarded_send(message):
+            if not over:  # once over the limit, the app's own answer (a parse error) is replaced
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if over:
+            await self._refuse(scope, receive, send, None)
+
+    async def _refuse(self, scope, receive, send, length):
+        if length is not None and not length.isdigit():
+            response = _error(400, "BadRequest", f"invalid Content-Length {length.decode(errors='replace')!r}")
+        else:
+            response = _error(413, "PayloadTooLarge", f"request body is larger than the server's limit of "
+                                                      f"{self.max_bytes} bytes (sdonnx serve --max-body-mb)")
+        await response(scope, receive, send)

@@ -1,0 +1,62 @@
+"""Images in and out of JSON: base64 PNG with infotext (A1111's encoding), and a cheap latent preview."""
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+# A1111 "Approx cheap" live preview: SD 1.x/2.x latent channels -> RGB (sd_vae_approx.cheap_approximation)
+_CHEAP_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                       [-0.184, -0.271, -0.473]], np.float32)
+MAX_PIXELS = 8192 * 8192
+
+
+class BadImage(ValueError):
+    """A request's image field is not decodable base64 image data."""
+
+
+def encode_png(image, infotext=None):
+    """PIL image -> base64 PNG (no data: prefix) carrying ``infotext`` as the "parameters" chunk, as A1111."""
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_bytes(data, field="image"):
+    """Base64 text, optionally a ``data:image/...;base64,`` URL -> bytes."""
+    if not isinstance(data, str) or not data:
+        raise BadImage(f"{field}: expected a base64-encoded image string")
+    if data.startswith(("http://", "https://")):
+        raise BadImage(f"{field}: image URLs are not fetched; send the image as base64")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadImage(f"{field}: invalid base64 ({e})") from None
+
+
+def decode_image(data, field="image"):
+    """Base64 (optionally a ``data:image/...;base64,`` URL) -> PIL image, fully loaded."""
+    raw = decode_bytes(data, field)
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.width * image.height > MAX_PIXELS:
+            raise BadImage(f"{field}: {image.width}x{image.height} image is too large")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{field}: invalid encoded image ({e})") from None
+    return image
+
+
+def latent_preview(latents):
+    """x0 estimate [B, 4, h, w] in the sampler's scale -> a small RGB PIL image of the first item (or None)."""
+    latents = np.asarray(latents, np.float32)
+    if latents.ndim != 4 or latents.shape[1] != _CHEAP_RGB.shape[0]:
+        return None
+    rgb = np.einsum("chw,cr->hwr", latents[0], _CHEAP_RGB)
+    return Image.fromarray((np.clip((rgb + 1) / 2, 0, 1) * 255).astype(np.uint8))

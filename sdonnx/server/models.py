@@ -1,0 +1,134 @@
+"""What the server can offer: converted model folders, LoRA files and embeddings, found on disk."""
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..manifest import MANIFEST_NAME, ManifestError, load_manifest
+
+log = logging.getLogger(__name__)
+
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+class UnknownModel(ValueError):
+    """A checkpoint name matches no model the server knows."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: Path
+    manifest: object = field(compare=False, repr=False)
+
+    @property
+    def model_hash(self):
+        return self.manifest.model_hash
+
+    @property
+    def title(self):
+        """A1111's checkpoint title: ``name [hash]``."""
+        return f"{self.name} [{self.model_hash}]" if self.model_hash else self.name
+
+    def as_a1111(self):
+        return {"title": self.title, "model_name": self.name, "hash": self.model_hash, "sha256": None,
+                "filename": str(self.path), "config": None}
+
+
+class ModelStore:
+    """Model folders under the given paths (a model folder, or a folder of model folders), rescanned on refresh."""
+
+    def __init__(self, sources, lora_dirs=(), embedding_dirs=()):
+        self.sources = [Path(s) for s in sources]
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self.embedding_dirs = [Path(d) for d in embedding_dirs]
+        self._lock = threading.Lock()
+        self._models = []
+        self.current = None
+        self.refresh()
+
+    @property
+    def models(self):
+        with self._lock:
+            return list(self._models)
+
+    def refresh(self):
+        """Rescan the sources; the current model stays current while it still exists."""
+        found = []
+        for source in self.sources:
+            for folder in _model_folders(source):
+                try:
+                    found.append(ModelEntry(folder.name, folder, load_manifest(folder)))
+                except ManifestError as e:
+                    log.warning("skipping %s: %s", folder, e)
+        with self._lock:
+            self._models = found
+            titles = {m.title for m in found}
+            if self.current is None or self.current.title not in titles:
+                self.current = found[0] if found else None
+        return found
+
+    def find(self, name):
+        """A model by A1111 title, folder name, hash or path."""
+        for m in self.models:
+            if name in (m.title, m.name, m.model_hash, str(m.path)):
+                return m
+        choices = ", ".join(m.title for m in self.models) or "none (check the models folder)"
+        raise UnknownModel(f"model {name!r} not found; available: {choices}")
+
+    def select(self, name):
+        entry = self.find(name)
+        with self._lock:
+            self.current = entry
+        return entry
+
+    def loras(self):
+        """A1111 /loras entries: name, alias, path, metadata (the safetensors header's metadata)."""
+        out = []
+        for path in _files(self.lora_dirs):
+            meta = _safetensors_header(path).get("__metadata__", {}) if path.suffix == ".safetensors" else {}
+            out.append({"name": path.stem, "alias": meta.get("ss_output_name", path.stem), "path": str(path),
+                        "metadata": meta})
+        return out
+
+    def embeddings(self):
+        """A1111 /embeddings shape: {"loaded": {name: {...}}, "skipped": {}}; shape/vectors read from headers."""
+        loaded = {}
+        for path in _files(self.embedding_dirs):
+            shape, vectors = None, None
+            if path.suffix == ".safetensors":
+                shapes = [v["shape"] for k, v in _safetensors_header(path).items() if k != "__metadata__"]
+                if shapes and len(shapes[0]) == 2:
+                    vectors, shape = shapes[0]
+            loaded[path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                 "shape": shape, "vectors": vectors}
+        return {"loaded": loaded, "skipped": {}}
+
+
+def _model_folders(source):
+    if (source / MANIFEST_NAME).is_file():
+        return [source]
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if (p / MANIFEST_NAME).is_file())
+    log.warning("%s is neither a model folder nor a folder of models", source)
+    return []
+
+
+def _files(dirs):
+    for d in dirs:
+        if d.is_dir():
+            yield from sorted(p for p in d.rglob("*") if p.suffix.lower() in ADAPTER_SUFFIXES and p.is_file())
+
+
+def _safetensors_header(path):
+    """The JSON header of a .safetensors file ({} when unreadable), without touching the tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100 << 20:
+                return {}
+            return json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return {}

@@ -1,0 +1,138 @@
+"""One generation at a time per device: a worker thread takes jobs from a FIFO queue.
+
+Routes submit a job and await its future; /progress, /interrupt and /skip look at the running job.
+A job whose client went away is cancelled while queued, or stopped at its next sampler step.
+"""
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+
+from ..pipeline import Interrupted
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A queued unit of work, and the progress/interrupt state of it while it runs.
+
+    run(job, pipeline) does the work; ``pipeline(entry)`` gives the loaded Pipeline for a model entry.
+    Its generate calls pass ``callback=job.callback`` (raises Interrupted once stopped or skipped) and
+    ``preview=job.preview`` where generate takes one.
+    """
+
+    def __init__(self, run, label):
+        self.id = f"task({uuid.uuid4().hex[:15]})"
+        self.run = run
+        self.label = label
+        self.future = Future()
+        self.stop = False  # interrupted, or its client went away: stop the whole job
+        self.skip = False  # A1111 skip: stop the current batch iteration, go on with the next
+        self.job_count, self.job_no, self.step, self.steps = 1, 0, 0, 0
+        self.started = None
+        self.timestamp = time.strftime("%Y%m%d%H%M%S")
+        self.latents = None
+
+    def callback(self, step, total):
+        self.step, self.steps = step, total
+        if self.stop or self.skip:
+            raise Interrupted
+
+    def preview(self, denoised):
+        self.latents = denoised
+
+    def next_iteration(self, n):
+        self.job_no, self.step, self.skip, self.latents = n, 0, False, None
+
+    def cancel(self):
+        """The client is gone: drop the job if still queued, else stop it at its next step."""
+        if not self.future.cancel():
+            self.stop = True
+
+
+class Worker:
+    """Runs jobs one at a time in submission order on its own thread; keeps one Pipeline loaded."""
+
+    def __init__(self, load_pipeline):
+        self._load_pipeline = load_pipeline
+        self._queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._current = None
+        self._loaded = (None, None)  # (model path, Pipeline)
+        self._thread = None
+
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="sdonnx-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout=10.0):
+        """Stop the running job, cancel the queued ones and end the thread."""
+        self.interrupt()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.future.cancel()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, run, label):
+        job = Job(run, label)
+        self._queue.put(job)
+        return job
+
+    @property
+    def current(self):
+        with self._lock:
+            return self._current
+
+    @property
+    def pending(self):
+        return self._queue.qsize()
+
+    def interrupt(self):
+        job = self.current
+        if job is not None:
+            job.stop = True
+
+    def skip(self):
+        job = self.current
+        if job is not None:
+            job.skip = True
+
+    def pipeline(self, entry):
+        """The Pipeline for a model entry, loading it (and dropping the previous one) when it changes."""
+        path, pipe = self._loaded
+        if path != entry.path:
+            self._loaded = (None, None)  # free the old sessions before creating new ones
+            pipe = self._load_pipeline(entry.path)
+            self._loaded = (entry.path, pipe)
+        return pipe
+
+    def _loop(self):
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its client went away while it waited
+            with self._lock:
+                self._current = job
+            job.started = time.monotonic()
+            try:
+                result = job.run(job, self.pipeline)
+            except Exception as e:  # handed to the waiting route, which answers with a JSON error
+                log.debug("job %s failed: %s", job.id, e, exc_info=True)
+                job.future.set_exception(e)
+            else:
+                job.future.set_result(result)
+            finally:
+                with self._lock:
+                    self._current = None
