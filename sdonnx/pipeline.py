@@ -100,7 +100,8 @@ class Pipeline:
 
     def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
                  scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
-                 latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, **sampler_options):
+                 latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, preview=None,
+                 **sampler_options):
         """txt2img. Returns GenerationResult(images, seeds, infotexts).
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
@@ -108,7 +109,8 @@ class Pipeline:
         Interrupted, sampling stops and the result holds the finished batches plus, as A1111 shows an
         interrupted image, the current batch decoded from its last x0 estimate (result.interrupted is True).
         noise_sampler(sigma, sigma_next) overrides the per-step noise of stochastic samplers (advanced: to
-        match another implementation's random stream).
+        match another implementation's random stream). preview(denoised) gets each step's x0 estimate
+        [batch_size, C, H/f, W/f] (live previews).
         """
         m = self.manifest
         width, height = _check_size(width or m.native_size, height or m.native_size, m.vae_scale_factor)
@@ -143,7 +145,7 @@ class Pipeline:
             x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
             step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
             denoise = cfg_denoiser(*denoise_args, cond=cond, uncond=uncond, cfg_scale=cfg_scale)
-            on_step = _step_reporter(callback, n * steps, total)
+            on_step = _step_reporter(callback, n * steps, total, preview)
             try:
                 x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
                                                **{**resolved.options, **sampler_options})
@@ -171,8 +173,8 @@ def _noise_sampler(resolved, x, sigmas, seeds, image_rng):
     return lambda sigma, sigma_next: image_rng.next()
 
 
-def _step_reporter(callback, offset, total):
-    if callback is None:
+def _step_reporter(callback, offset, total, preview=None):
+    if callback is None and preview is None:
         return None
     state = {"done": offset}
 
@@ -180,7 +182,10 @@ def _step_reporter(callback, offset, total):
         state["done"] += 1
         if isinstance(info, dict) and info.get("denoised") is not None:
             report.last_denoised = info["denoised"]
-        callback(state["done"], total)
+            if preview is not None:
+                preview(report.last_denoised)
+        if callback is not None:
+            callback(state["done"], total)
 
     report.last_denoised = None
     return report
