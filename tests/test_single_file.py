@@ -13,7 +13,7 @@ import torch
 
 from converters import single_file
 from converters.checkpoint import CheckpointError, load_state_dict, read_metadata
-from original_layout import save_checkpoint, to_original
+from converters.original_layout import save_checkpoint, to_original
 from tiny_models import make_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,310 @@
+"""Train the shipped demo model: a tiny Stable Diffusion 1.x that draws coloured shapes.
+
+    python converters/tools/train_demo.py --workdir /tmp/demo-train \
+        --out models/demo/sdonnx-shapes-demo.safetensors
+
+A demonstration, not an art model: it knows three shapes (circle, square, triangle) in six colours
+(red, green, blue, yellow, white, black) on a background of another of those colours, captioned
+"a red circle on a blue background". It has the real SD 1.x architecture and code paths (CLIP text
+encoder with the real CLIP tokenizer, UNet2DConditionModel with 8 heads per block, 4-level AutoencoderKL,
+eps prediction on the scaled_linear schedule, latent scaling factor 0.18215), only scaled down, so that
+`sdonnx convert` reads the single file like any SD 1.x checkpoint.
+
+Stages, each deterministic for a given --seed (one CPU thread by default: on a shared 2-core machine a
+single thread is both faster and reproducible):
+1. dataset: 90 (shape colour, background, shape) combinations x --variants random sizes/positions,
+   rendered at 4x and box-filtered to 64x64 (the model's native size; latents are 8x8).
+2. VAE: trained on random 32x32 crops (convolutions do not care, it is 4x cheaper), then its latent
+   space is re-centred and re-scaled per channel, folded exactly into quant_conv / post_quant_conv,
+   so that latents x 0.18215 (SD 1.x's fixed factor) have unit variance.
+3. UNet + text encoder, jointly, eps loss with min-SNR-5 weighting; 10% empty captions so that
+   classifier-free guidance and negative prompts work; a few partial captions ("a red circle",
+   "red circle", "red") so that single words mean something; EMA weights are shipped.
+4. export: original CompVis layout, fp16, safetensors (converters/original_layout.py).
+
+On the 2-core machine it was made on (shared with other work) the defaults take about 50 minutes.
+Stage results are kept in --workdir, so a rerun resumes after the last finished stage.
+"""
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("train_demo")
+
+TOKENIZER_JSON = Path(__file__).resolve().parents[2] / "sdonnx" / "data" / "clip" / "tokenizer.json"
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yellow": (255, 230, 0),
+           "white": (255, 255, 255), "black": (0, 0, 0)}
+SHAPES = ("circle", "square", "triangle")
+SIZE = 64
+SCALING_FACTOR = 0.18215
+# (template, probability): mostly full captions, 10% empty for classifier-free guidance.
+CAPTIONS = (("a {c} {s} on a {b} background", 0.70), ("a {c} {s}", 0.06), ("{c} {s}", 0.06), ("{c}", 0.03),
+            ("a {s} on a {b} background", 0.05), ("", 0.10))
+
+
+def combos():
+    """[(shape colour, background colour, shape)] with the colours different: 6 x 5 x 3 = 90."""
+    return [(c, b, s) for c in COLOURS for b in COLOURS if b != c for s in SHAPES]
+
+
+def caption(colour, background, shape, template="a {c} {s} on a {b} background"):
+    return template.format(c=colour, s=shape, b=background)
+
+
+# --- dataset -------------------------------------------------------------------------------------------
+
+def render(colour, background, shape, rng, scale=4):
+    """One [64, 64, 3] uint8 image: the shape near the centre, 40-70% of the side, never at the border."""
+    n = SIZE * scale
+    image = Image.new("RGB", (n, n), COLOURS[background])
+    draw = ImageDraw.Draw(image)
+    half = rng.uniform(0.20, 0.35) * n
+    cx, cy = (n / 2 + rng.uniform(-0.08, 0.08) * n for _ in range(2))
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - half), (cx + half, cy + half * 0.8), (cx - half, cy + half * 0.8)], fill=COLOURS[colour])
+    return np.asarray(image.resize((SIZE, SIZE), Image.BOX))
+
+
+def make_dataset(variants, seed):
+    """images: [N, 3, 64, 64] float in [-1, 1]; labels: [N] index into combos()."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index, (colour, background, shape) in enumerate(combos()):
+        for _ in range(variants):
+            images.append(render(colour, background, shape, rng))
+            labels.append(index)
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, torch.tensor(labels)
+
+
+# --- models --------------------------------------------------------------------------------------------
+
+def make_models():
+    """SD 1.x family rules: CLIP 64-dim heads, quick_gelu; UNet 8 heads per block; VAE 4 levels, 32 groups."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, sample_size=SIZE, scaling_factor=SCALING_FACTOR)
+    return text_encoder, unet, vae
+
+
+def tokenizer():
+    from transformers import CLIPTokenizerFast
+
+    return CLIPTokenizerFast(tokenizer_file=str(TOKENIZER_JSON), pad_token="<|endoftext|>", model_max_length=77)
+
+
+def alphas_cumprod():
+    """SD 1.x training schedule: scaled_linear betas 0.00085..0.012 over 1000 steps."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+# --- stage 2: VAE --------------------------------------------------------------------------------------
+
+def train_vae(vae, images, steps, batch, lr, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # start near-deterministic: unit posterior noise would drown the young encoder's signal
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    vae.train()
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        index = torch.randint(0, len(images), (batch,), generator=g)
+        y, x = torch.randint(0, SIZE // 2 + 1, (2,), generator=g).tolist()
+        crop = images[index, :, y:y + SIZE // 2, x:x + SIZE // 2]
+        posterior = vae.encode(crop).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.mse_loss(rec, crop) + 0.5 * F.l1_loss(rec, crop) + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("vae step %d/%d loss %.4f kl %.1f (%.0f s)", step, steps, loss.item(), kl.item(), time.time() - start)
+    return vae.eval()
+
+
+@torch.no_grad()
+def normalize_latents(vae, images):
+    """Fold a per-channel shift and scale into quant_conv / post_quant_conv (an exact
+    reparametrization) so that the latent mean x SCALING_FACTOR has zero mean and unit variance."""
+    mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
+    m = mean.mean(dim=(0, 2, 3))
+    k = 1 / (SCALING_FACTOR * mean.std(dim=(0, 2, 3)))
+    channels = len(m)
+    qc, pqc = vae.quant_conv, vae.post_quant_conv
+    # quant_conv rows 0..C-1 are the mean, C..2C-1 the log-variance: z' = k (z - m), logvar' = logvar + 2 log k
+    qc.weight[:channels] *= k[:, None, None, None]
+    qc.bias[:channels] = k * (qc.bias[:channels] - m)
+    qc.bias[channels:] += 2 * torch.log(k)
+    # post_quant_conv sees z = z' / k + m
+    pqc.bias += (pqc.weight[:, :, 0, 0] * m).sum(1)
+    pqc.weight /= k[None, :, None, None]
+    log.info("latent per-channel mean %s, scale folded %s", m.tolist(), k.tolist())
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """Latent mean and std, already multiplied by SCALING_FACTOR: [N, 4, 8, 8] each."""
+    means, stds = [], []
+    for chunk in images.split(64):
+        d = vae.encode(chunk).latent_dist
+        means.append(d.mean * SCALING_FACTOR)
+        stds.append(d.std * SCALING_FACTOR)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --- stage 3: UNet + text encoder ----------------------------------------------------------------------
+
+def caption_ids(tok):
+    """[combos, templates, 77] token ids, padded as SD 1.x pads (with <|endoftext|>)."""
+    ids = [[tok(caption(c, b, s, template), padding="max_length", max_length=77, truncation=True).input_ids
+            for template, _ in CAPTIONS] for c, b, s in combos()]
+    return torch.tensor(ids)
+
+
+class EMA:
+    def __init__(self, modules, decay):
+        self.modules, self.decay = modules, decay
+        self.shadow = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+    @torch.no_grad()
+    def update(self, step):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for module, shadow in zip(self.modules, self.shadow):
+            for k, v in module.state_dict().items():
+                if v.dtype.is_floating_point:
+                    shadow[k].lerp_(v, 1 - decay)
+
+
+def train_unet(unet, text_encoder, latents, labels, ids, steps, batch, lr, seed, partial=None):
+    mean, std = latents
+    g = torch.Generator().manual_seed(seed)
+    acp = alphas_cumprod()
+    snr = acp / (1 - acp)
+    weights = torch.tensor([p for _, p in CAPTIONS])
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    ema = EMA([unet, text_encoder], 0.995)
+    unet.train()
+    text_encoder.train()
+    start = time.time()
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / 100)
+        for group in opt.param_groups:
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+        index = torch.randint(0, len(labels), (batch,), generator=g)
+        x0 = mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)
+        template = torch.multinomial(weights, batch, replacement=True, generator=g)
+        context = text_encoder(ids[labels[index], template]).last_hidden_state
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = unet(xt, t, encoder_hidden_states=context).sample
+        per_sample = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * (snr[t].clamp(max=5) / snr[t])).mean()  # min-SNR-5 weighting (Hang et al. 2023)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 25 == 0 or step == steps - 1:
+            log.info("unet step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.time() - start)
+        if partial and step % 100 == 99:  # EMA snapshots, to look at (or ship) an unfinished run
+            torch.save({"unet": ema.shadow[0], "text_encoder": ema.shadow[1], "step": step + 1}, partial)
+    unet.load_state_dict(ema.shadow[0])
+    text_encoder.load_state_dict(ema.shadow[1])
+    return unet.eval(), text_encoder.eval()
+
+
+# --- stage 4: export -----------------------------------------------------------------------------------
+
+def export(text_encoder, unet, vae, out):
+    """Original CompVis layout, float tensors in fp16."""
+    from safetensors.torch import save_file
+
+    from converters.original_layout import to_original
+
+    state_dict = to_original(SimpleNamespace(text_encoder=text_encoder, unet=unet, vae=vae))
+    state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(out), metadata={"modelspec.prediction_type": "epsilon",
+                                              "sdonnx.made_by": "converters/tools/train_demo.py"})
+    log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="Stage results (resumable).")
+    parser.add_argument("--out", type=Path, required=True, help="Single-file .safetensors to write.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", type=int, default=24, help="Images per combination.")
+    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--from-partial", action="store_true", help="Export the last EMA snapshot of a running UNet stage.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    images, labels = make_dataset(args.variants, args.seed)
+    text_encoder, unet, vae = make_models()
+    vae_path = args.workdir / "vae.pt"
+    if vae_path.exists():
+        vae.load_state_dict(torch.load(vae_path))
+    else:
+        vae = normalize_latents(train_vae(vae, images, args.vae_steps, 16, 1e-3, args.seed + 1), images)
+        torch.save(vae.state_dict(), vae_path)
+    vae.eval()
+    unet_path = args.workdir / ("unet_text.partial.pt" if args.from_partial else "unet_text.pt")
+    if unet_path.exists():
+        saved = torch.load(unet_path)
+        unet.load_state_dict(saved["unet"])
+        text_encoder.load_state_dict(saved["text_encoder"])
+    else:
+        latents = encode(vae, images)
+        unet, text_encoder = train_unet(unet, text_encoder, latents, labels, caption_ids(tokenizer()),
+                                        args.unet_steps, args.batch, 5e-4, args.seed + 2,
+                                        partial=args.workdir / "unet_text.partial.pt")
+        torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}, unet_path)
+    export(text_encoder.eval(), unet.eval(), vae, args.out)
+
+
+if __name__ == "__main__":
+    main()
