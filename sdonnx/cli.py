@@ -28,6 +28,26 @@ def _fail(error):
     sys.exit(2)
 
 
+class _Progress:
+    """A terminal progress bar that appears with the first step, so errors before sampling print alone."""
+
+    def __init__(self, label):
+        self.label, self.bar = label, None
+
+    def update(self, done, total):
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="sdonnx")
@@ -87,8 +107,8 @@ def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, schedule
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
                     sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
                     batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng)
-        with click.progressbar(length=steps * batch_count, label="sampling", file=sys.stderr) as bar:
-            result = pipe.generate(**args, callback=lambda done, total: bar.update(done - bar.pos))
+        with _Progress("sampling") as progress:
+            result = pipe.generate(**args, callback=progress.update)
         for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
             path = save_png(image, outdir, infotext, seed=seed_used)
             click.echo(str(path))
