@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install sdonnx with everything its tests need into .venv, then run the test suite.
+# Usage: bash scripts/test.sh [pytest args...]    (CI runs exactly this; see README)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch is the converter's and the tests' only (never the runtime's). 2.13.0 is the CPU build we test
+# with; any torch >= 2.1 works.
+python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[cpu,convert,serve,test]"
+# k-diffusion is the reference for sampler math; its own requirements (torchvision, clip, ...) are not
+# needed for sampling.py and do not install beside every torch, hence --no-deps.
+python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1"
+export HF_HUB_OFFLINE=1
+python -m pytest "$@"
