@@ -22,7 +22,9 @@ from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
-SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# sampler options clients send, and the values at which a sampler without that option loses nothing
+SAMPLER_NEUTRAL = {"eta": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+SAMPLER_OPTIONS = tuple(SAMPLER_NEUTRAL)
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 # img2img keywords of Pipeline.generate; mask-only ones matter only when a mask is sent
 IMG2IMG_KWARGS = ("resize_mode",)
@@ -185,9 +187,13 @@ def plan_generation(state, req, mode):
     ignored += [f"override_settings.{k}" for k in overrides if k not in state.options]
     for name in SAMPLER_OPTIONS:
         value = getattr(req, name)
-        if value is not None and name in resolved.options:
+        if name == "s_tmax" and value == 0:
+            value = float("inf")  # A1111 reads 0 as "no upper bound"
+        if value is None or value == resolved.options.get(name, SAMPLER_NEUTRAL[name]):
+            continue
+        if name in resolved.options:
             kwargs[name] = value
-        elif value is not None:
+        else:
             ignored.append(name)
     width, height = req.width, req.height
     if mode == "img2img":

@@ -3,8 +3,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-# A1111 fields this server accepts without acting on, with A1111's default: a field at its default
-# changes nothing, so only a field set to something else is reported as ignored.
+# A1111 fields this server accepts without acting on, with A1111's default: a field at its default (or
+# empty, zero, false) changes nothing, so only a field set to something else is reported as ignored.
 A1111_DEFAULTS = {
     "styles": None, "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
     "restore_faces": None, "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False,
@@ -17,6 +17,8 @@ A1111_DEFAULTS = {
     "image_cfg_scale": None, "include_init_images": False, "initial_noise_multiplier": None,
     "latent_mask": None, "denoising_strength": None, "sampler_index": "Euler",
 }
+
+HIRES_PREFIXES = ("hr_", "firstphase_")
 
 
 class Txt2ImgRequest(BaseModel):
@@ -45,8 +47,11 @@ class Txt2ImgRequest(BaseModel):
 
     def ignored_fields(self, handled=()):
         """Names of the fields sent with a value this server does not act on."""
-        return sorted(k for k, v in (self.model_extra or {}).items()
-                      if k not in handled and (k not in A1111_DEFAULTS or v != A1111_DEFAULTS[k]))
+        extra = self.model_extra or {}
+        if not extra.get("enable_hr"):  # hires fields mean nothing without it (as in A1111)
+            handled = (*handled, *(k for k in extra if k.startswith(HIRES_PREFIXES)))
+        # empty/zero/false values ask for nothing, whatever the field
+        return sorted(k for k, v in extra.items() if k not in handled and v and v != A1111_DEFAULTS.get(k))
 
 
 class Img2ImgRequest(Txt2ImgRequest):
