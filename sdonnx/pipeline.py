@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .adapters.lora import Loras, extract_lora_tags
 from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
@@ -25,6 +26,7 @@ from .text.tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+DEFAULT_LORA_DIR = Path("models") / "Lora"
 # k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
 BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
@@ -52,11 +54,15 @@ class GenerationResult:
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
-    def __init__(self, folder, manifest, plan):
+    def __init__(self, folder, manifest, plan, lora_dir=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
         self._components = {}
+        self.lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
+        self._loras = None  # adapters.lora.Loras, made on the first LoRA tag
+        self._lora_keys = {}  # component -> cache key of the active LoRA set
+        self._lora_components = {}  # (component, key) -> component built with merged weights
         info = manifest.text_encoders[0]
         self.tokenizer = ClipTokenizer.from_model(self.folder, info)
         ns = manifest.noise_schedule
@@ -64,20 +70,45 @@ class Pipeline:
                                                            ns.num_train_timesteps))
 
     @classmethod
-    def load(cls, path, provider="auto", device_id=0):
-        """Read the model folder's manifest and choose execution providers (no session is created yet)."""
+    def load(cls, path, provider="auto", device_id=0, lora_dir=None):
+        """Read the model folder's manifest and choose execution providers (no session is created yet).
+
+        lora_dir: where `<lora:name:...>` tags find their files (default models/Lora)."""
         manifest = load_manifest(path)
-        return cls(path, manifest, providers_mod.plan(provider, device_id))
+        return cls(path, manifest, providers_mod.plan(provider, device_id), lora_dir=lora_dir)
 
     @property
     def providers(self):
         return list(self.plan.names)
 
     def _component(self, name):
+        if name in self._lora_keys:
+            return self._lora_components[(name, self._lora_keys[name])]
         if name not in self._components:
             kind = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
             self._components[name] = kind[name](self.folder, self.manifest, name, self.plan)
         return self._components[name]
+
+    def set_loras(self, requests):
+        """Give the text encoder and UNet these LoRAs ([LoraRequest]; [] restores the base sessions exactly).
+
+        Merged sessions are cached per LoRA set, one per component besides the base. Returns the
+        `Lora hashes` infotext value ({name: short hash}), or None without LoRAs."""
+        if not requests:
+            self._lora_keys = {}
+            return None
+        if self._loras is None:
+            self._loras = Loras(self.folder, self.manifest, self.lora_dir)
+        applied = self._loras.apply(requests)
+        kind = {"text_encoder": TextEncoder, "unet": UNet}
+        for name, key in applied.keys.items():
+            if (name, key) not in self._lora_components:
+                for old in [k for k in self._lora_components if k[0] == name]:
+                    del self._lora_components[old]
+                self._lora_components[(name, key)] = kind[name](self.folder, self.manifest, name, self.plan,
+                                                                replacements=applied.replacements[name])
+        self._lora_keys = dict(applied.keys)
+        return applied.hashes
 
     # ------------------------------------------------------------------ stages
 
@@ -127,14 +158,16 @@ class Pipeline:
                                  f"for batch size {batch_size} at {width}x{height}")
         sigmas = build_sigmas(resolved, steps, self.model_sigmas)
         # --- conditioning start (prompt language: issue 4)
-        texts_cond = [prompt] * batch_size
+        prompt_text, lora_tags = extract_lora_tags(prompt)  # LoRA: until the prompt parser hands its tags
+        lora_hashes = self.set_loras(lora_tags)
+        texts_cond = [prompt_text] * batch_size
         cond = self.encode_prompts(texts_cond, clip_skip)
         uncond = self.encode_prompts([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
         # --- conditioning end
         denoise_args = (self._component("unet"), self.model_sigmas, m.prediction_type)
         params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
-                  "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng),
+                  "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng), "Lora hashes": lora_hashes,
                   **{k.capitalize(): v for k, v in sampler_options.items()}, "Version": f"sdonnx {__version__}"}
         images, seeds, infotexts, interrupted = [], [], [], False
         total = steps * batch_count

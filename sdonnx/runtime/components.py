@@ -7,9 +7,9 @@ from .session import Session
 
 
 class _Component:
-    def __init__(self, folder, manifest, name, plan):
+    def __init__(self, folder, manifest, name, plan, replacements=None):
         spec = manifest.components[name]
-        self.session = Session(Path(folder) / spec.path, plan, name=name)
+        self.session = Session(Path(folder) / spec.path, plan, name=name, replacements=replacements)
         self.manifest = manifest
 
 
@@ -17,8 +17,8 @@ class TextEncoder(_Component):
     """The CLIP text transformer; the token-embedding lookup happens here in numpy, so textual inversion
     can hand in extra rows (`inputs_embeds`) without touching the graph."""
 
-    def __init__(self, folder, manifest, name, plan, info=None):
-        super().__init__(folder, manifest, name, plan)
+    def __init__(self, folder, manifest, name, plan, info=None, replacements=None):
+        super().__init__(folder, manifest, name, plan, replacements)
         from safetensors.numpy import load_file
 
         info = info or manifest.text_encoders[0]

@@ -27,11 +27,19 @@ def session_options(plan):
 class Session:
     """run(feeds) -> {output name: array}, for one ONNX graph of a model folder."""
 
-    def __init__(self, path, plan, name=None):
+    def __init__(self, path, plan, name=None, replacements=None):
+        """replacements: {initializer name: array} used instead of the graph's own values (run-time LoRA);
+        each must keep the initializer's shape and dtype."""
         import onnxruntime as ort
 
         self.name = name or Path(path).parent.name
-        self._session = ort.InferenceSession(str(path), sess_options=session_options(plan), providers=plan.providers)
+        options = session_options(plan)
+        # ONNX Runtime borrows these buffers for the session's lifetime: keep them referenced
+        self._replacements = [(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))
+                              for n, a in (replacements or {}).items()]
+        if self._replacements:
+            options.add_external_initializers([n for n, _ in self._replacements], [v for _, v in self._replacements])
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=plan.providers)
         self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]
 
