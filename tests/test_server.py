@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
 
-from sdonnx.pipeline import Pipeline  # noqa: E402
+from sdonnx.pipeline import GenerationResult, Pipeline  # noqa: E402
 from sdonnx.samplers import SAMPLER_NAMES, SCHEDULER_NAMES  # noqa: E402
 from sdonnx.server import create_app  # noqa: E402
 
@@ -246,15 +246,18 @@ def test_bad_images_and_routes(client):
     assert client.get(f"{API}/txt2img").status_code == 405
 
 
-def test_img2img(client):
+def _img2img_body():
     init = Image.new("RGB", (64, 48), (200, 40, 40))
     mask = Image.new("L", (64, 48), 0)
     mask.paste(255, (16, 16, 48, 40))
-    body = {"init_images": [_png_b64(init)], "mask": _png_b64(mask), "denoising_strength": 0.5, "steps": 4,
-            "seed": 9, "prompt": "red", "mask_blur": 2, "inpainting_fill": 1}
-    r = client.post(f"{API}/img2img", json=body)
+    return {"init_images": [_png_b64(init)], "mask": _png_b64(mask), "denoising_strength": 0.5, "steps": 4,
+            "seed": 9, "prompt": "red", "mask_blur": 2, "inpainting_fill": 1, "inpaint_full_res_padding": 32}
+
+
+def test_img2img(client):
+    r = client.post(f"{API}/img2img", json=_img2img_body())
     if "init_image" not in inspect.signature(Pipeline.generate).parameters:
-        assert r.status_code == 501 and "init_image" in r.json()["detail"]
+        assert r.status_code == 501 and "init_image" in r.json()["detail"], r.text
         pytest.skip("Pipeline.generate takes no init_image yet: img2img answers 501")
     assert r.status_code == 200, r.text
     data = r.json()
@@ -262,6 +265,41 @@ def test_img2img(client):
     info = json.loads(data["info"])
     assert _png(data["images"][0]).size == (64, 48) and info["denoising_strength"] == 0.5
     assert "Denoising strength: 0.5" in info["infotexts"][0]
+
+
+class FakeImg2ImgPipeline:
+    """A Pipeline stand-in whose generate takes img2img keywords (not all of them): records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a", scheduler="Automatic",
+                 seed=-1, width=None, height=None, batch_size=1, batch_count=1, callback=None, rng="nv", clip_skip=1,
+                 init_image=None, strength=0.75, mask=None, mask_blur=4, inpainting_fill=0, resize_mode=0):
+        self.calls.append(dict(init_image=init_image, mask=mask, strength=strength, mask_blur=mask_blur,
+                               inpainting_fill=inpainting_fill, resize_mode=resize_mode, size=(width, height)))
+        for step in range(1, steps + 1):
+            callback(step, steps)
+        seeds = [seed + j for j in range(batch_size)]
+        texts = [f"{prompt}\nSteps: {steps}, Seed: {s}, Denoising strength: {strength}" for s in seeds]
+        return GenerationResult([init_image.resize((width, height))] * batch_size, seeds, texts)
+
+
+def test_img2img_route_passes_images_and_options(models_root):
+    fake = FakeImg2ImgPipeline()
+    with LiveServer(create_app(models_root, load_pipeline=lambda path: fake)) as live:
+        r = httpx.post(f"{live.url}{API}/img2img", json=_img2img_body(), timeout=30)
+        assert r.status_code == 200, r.text
+        call = fake.calls[0]
+        assert call["init_image"].size == (64, 48) and call["mask"].getpixel((20, 20)) == 255
+        assert (call["strength"], call["mask_blur"], call["inpainting_fill"], call["size"]) == (0.5, 2, 1, (64, 48))
+        info = json.loads(r.json()["info"])
+        assert info["ignored_fields"] == ["inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"]
+        assert _png(r.json()["images"][0]).getpixel((0, 0)) == (200, 40, 40)
+        for body, words in (({"steps": 2}, "init_images"), ({**_img2img_body(), "mask": "%%"}, "mask"),
+                            ({**_img2img_body(), "width": 60}, "multiple of 8")):
+            r = httpx.post(f"{live.url}{API}/img2img", json=body, timeout=30)
+            assert r.status_code == 422 and words in r.text, r.text
 
 
 def test_progress_preview_and_interrupt(client):
@@ -365,15 +403,37 @@ def test_auth_cors_and_body_limit(secured):
     assert r.status_code == 413
 
 
-def test_serve_command_help():
+def test_serve_command(models_root):
+    """`sdonnx serve` as users start it: loopback only, LoRAs found under the models folder."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdonnx.cli", "serve", "-m", str(models_root), "--port", str(port),
+                             "--api-auth", "u:p"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}{API}/loras", auth=("u", "p"))
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "sdonnx serve did not come up"
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()[0]["name"] == "detail"
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
     from click.testing import CliRunner
 
     from sdonnx.cli import main
 
-    result = CliRunner().invoke(main, ["serve", "--help"])
-    assert result.exit_code == 0
-    for flag in ("--listen", "--port", "--api-auth", "--cors-allow-origins", "--max-body-mb"):
-        assert flag in result.output
+    bad = CliRunner().invoke(main, ["serve", "-m", str(models_root), "--api-auth", "nopass"])
+    assert bad.exit_code == 2 and "user:password" in bad.output
 
 
 # ---------------------------------------------------------------------------- web page

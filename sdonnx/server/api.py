@@ -26,10 +26,9 @@ MAX_BATCH = 64
 SAMPLER_NEUTRAL = {"eta": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 SAMPLER_OPTIONS = tuple(SAMPLER_NEUTRAL)
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
-# img2img keywords of Pipeline.generate; mask-only ones matter only when a mask is sent
-IMG2IMG_KWARGS = ("resize_mode",)
-MASK_KWARGS = ("mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
-               "inpainting_mask_invert")
+# img2img keywords of Pipeline.generate: without these it cannot do the job (501); the others are reported
+# as ignored when the pipeline does not take them
+REQUIRED_KWARGS = {"init_image": "img2img", "mask": "inpainting"}
 
 
 class ApiError(Exception):
@@ -197,45 +196,45 @@ def plan_generation(state, req, mode):
             ignored.append(name)
     width, height = req.width, req.height
     if mode == "img2img":
-        width, height = _plan_img2img(req, kwargs, ignored, manifest.vae_scale_factor)
+        width, height = _plan_img2img(req, kwargs, manifest.vae_scale_factor)
+        if len(req.init_images) > 1:
+            ignored.append("init_images[1:]")
     kwargs["width"], kwargs["height"] = _check_size(width or manifest.native_size, height or manifest.native_size,
                                                     manifest.vae_scale_factor)
     seed = random.randint(0, MAX_SEED) if req.seed == -1 else req.seed
-    return Plan(mode, entry, kwargs, seed, req.batch_size, req.n_iter, sorted(set(ignored)), req.save_images)
+    return Plan(mode, entry, kwargs, seed, req.batch_size, req.n_iter, ignored, req.save_images)
 
 
-def _plan_img2img(req, kwargs, ignored, factor):
+def _plan_img2img(req, kwargs, factor):
     """Decode the init image and mask into kwargs; the size defaults to the init image's, floored to `factor`."""
     if not req.init_images:
         raise ApiError(422, "img2img needs init_images: a list holding one base64-encoded image")
-    accepted = _generate_keywords()
-    if "init_image" not in accepted:
-        raise ApiError(501, "img2img is not available in this build: Pipeline.generate takes no init_image yet")
     image = decode_image(req.init_images[0], "init_images[0]")
-    if len(req.init_images) > 1:
-        ignored.append("init_images[1:]")
-    kwargs.update(init_image=image, strength=req.denoising_strength)
-    wanted = {"resize_mode": req.resize_mode}
+    kwargs.update(init_image=image, strength=req.denoising_strength, resize_mode=req.resize_mode)
     if req.mask is not None:
-        if "mask" not in accepted:
-            raise ApiError(501, "inpainting is not available in this build: Pipeline.generate takes no mask yet")
-        kwargs["mask"] = decode_image(req.mask, "mask")
-        wanted.update(mask_blur=req.mask_blur if req.mask_blur is not None else req.mask_blur_x,
+        kwargs.update(mask=decode_image(req.mask, "mask"),
+                      mask_blur=req.mask_blur if req.mask_blur is not None else req.mask_blur_x,
                       inpainting_fill=req.inpainting_fill, inpaint_full_res=req.inpaint_full_res,
                       inpaint_full_res_padding=req.inpaint_full_res_padding,
                       inpainting_mask_invert=req.inpainting_mask_invert)
-    for name, value in wanted.items():
-        if name in accepted:
-            kwargs[name] = value
-        else:
-            ignored.append(name)
     return req.width or image.width // factor * factor, req.height or image.height // factor * factor
 
 
-def _generate_keywords():
-    from ..pipeline import Pipeline
-
-    return set(inspect.signature(Pipeline.generate).parameters)
+def _fit_keywords(pipe, plan):
+    """plan.kwargs cut to what pipe.generate takes: 501 without a required one, the rest reported as ignored."""
+    accepted = set(inspect.signature(pipe.generate).parameters)
+    kwargs = {}
+    for name, value in plan.kwargs.items():
+        if name in accepted:
+            kwargs[name] = value
+        elif name in REQUIRED_KWARGS:
+            raise ApiError(501, f"{REQUIRED_KWARGS[name]} is not available in this build: "
+                                f"Pipeline.generate takes no {name} yet")
+        elif name in SAMPLER_OPTIONS:
+            kwargs[name] = value  # a sampler option, taken through **sampler_options
+        else:
+            plan.ignored.append(name)
+    return kwargs
 
 
 def _model_for(state, name):
@@ -281,6 +280,7 @@ def _rng_source(value):
 def run_plan(job, pipeline_for, plan, outdir):
     """Worker side: generate plan.n_iter batches (so /skip can drop one), encode them, save if asked."""
     pipe = pipeline_for(plan.entry)
+    kwargs = _fit_keywords(pipe, plan)
     preview = {"preview": job.preview} if "preview" in inspect.signature(pipe.generate).parameters else {}
     job.job_count = plan.n_iter
     images, seeds, infotexts, parameters = [], [], [], {}
@@ -288,7 +288,7 @@ def run_plan(job, pipeline_for, plan, outdir):
         if job.stop:
             break
         job.next_iteration(n)
-        result = pipe.generate(**plan.kwargs, seed=plan.seed + n * plan.batch_size, batch_size=plan.batch_size,
+        result = pipe.generate(**kwargs, seed=plan.seed + n * plan.batch_size, batch_size=plan.batch_size,
                                batch_count=1, callback=job.callback, **preview)
         images += result.images
         seeds += result.seeds
@@ -346,7 +346,7 @@ def _info(plan, req, outcome, job):
         "index_of_first_image": 0, "infotexts": outcome["infotexts"], "styles": [],
         "job_timestamp": job.timestamp, "clip_skip": kw["clip_skip"],
         "is_using_inpainting_conditioning": plan.entry.manifest.is_inpaint, "version": f"sdonnx {__version__}",
-        "ignored_fields": plan.ignored, "interrupted": outcome["interrupted"],
+        "ignored_fields": sorted(set(plan.ignored)), "interrupted": outcome["interrupted"],
     }
 
 
