@@ -132,7 +132,8 @@ class Pipeline:
     def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
                  scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
                  latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, preview=None,
-                 **sampler_options):
+                 subseed=-1, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0, ensd=0,
+                 sigma_min=None, sigma_max=None, rho=None, **sampler_options):
         """txt2img. Returns GenerationResult(images, seeds, infotexts).
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
@@ -142,10 +143,16 @@ class Pipeline:
         noise_sampler(sigma, sigma_next) overrides the per-step noise of stochastic samplers (advanced: to
         match another implementation's random stream). preview(denoised) gets each step's x0 estimate
         [batch_size, C, H/f, W/f] (live previews).
+
+        Seeds as A1111: image i of the job uses seed + i; subseed/subseed_strength give variation seeds,
+        seed_resize_from_w/h A1111's "resize seed from"; ensd is the eta noise seed delta (ancestral and
+        SDE noise). sigma_min/sigma_max/rho override the schedule; sampler_options (eta, s_churn, s_tmin,
+        s_tmax, s_noise, ...) go to the sampler, defaulting to A1111's values.
         """
         m = self.manifest
         width, height = _check_size(width or m.native_size, height or m.native_size, m.vae_scale_factor)
         resolved = resolve(sampler, scheduler)
+        _check_sampler_options(resolved.sampler, sampler_options)
         steps = _positive_int("steps", steps)
         batch_size = _positive_int("batch_size", batch_size)
         batch_count = _positive_int("batch_count", batch_count)
@@ -156,7 +163,9 @@ class Pipeline:
             if latents.shape != (batch_size, *shape):
                 raise ValueError(f"latents have shape {latents.shape}; expected {(batch_size, *shape)} "
                                  f"for batch size {batch_size} at {width}x{height}")
-        sigmas = build_sigmas(resolved, steps, self.model_sigmas)
+        sigmas = build_sigmas(resolved, steps, self.model_sigmas, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        variation = subseed_strength > 0
+        subseed = (random.randint(0, MAX_SEED) if subseed is None or int(subseed) == -1 else int(subseed)) if variation else None
         # --- conditioning start (prompt language: issue 4)
         prompt_text, lora_tags = extract_lora_tags(prompt)  # LoRA: until the prompt parser hands its tags
         lora_hashes = self.set_loras(lora_tags)
@@ -168,12 +177,18 @@ class Pipeline:
         params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
                   "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng), "Lora hashes": lora_hashes,
-                  **{k.capitalize(): v for k, v in sampler_options.items()}, "Version": f"sdonnx {__version__}"}
+                  "Variation seed strength": subseed_strength if variation else None,
+                  "Seed resize from": (seed_resize_from_w, seed_resize_from_h) if seed_resize_from_w > 0 and seed_resize_from_h > 0 else None,
+                  "ENSD": ensd or None, "Schedule max sigma": sigma_max, "Schedule min sigma": sigma_min,
+                  "Schedule rho": rho, **_option_params(resolved, sampler_options), "Version": f"sdonnx {__version__}"}
         images, seeds, infotexts, interrupted = [], [], [], False
         total = steps * batch_count
         for n in range(batch_count):
             batch_seeds = [seed + n * batch_size + j for j in range(batch_size)]
-            image_rng = ImageRNG(shape, batch_seeds, source=rng)
+            batch_subseeds = [subseed + n * batch_size + j for j in range(batch_size)] if variation else None
+            image_rng = ImageRNG(shape, batch_seeds, source=rng, subseeds=batch_subseeds,
+                                 subseed_strength=subseed_strength, seed_resize_from_h=seed_resize_from_h,
+                                 seed_resize_from_w=seed_resize_from_w, eta_noise_seed_delta=ensd)
             noise = latents if latents is not None else image_rng.first()
             x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
             step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
@@ -187,11 +202,42 @@ class Pipeline:
             if x is not None:
                 images += self.decode(x)
                 seeds += batch_seeds
-                infotexts += [format_infotext(prompt, negative_prompt, {**params, "Seed": s}) for s in batch_seeds]
+                infotexts += [format_infotext(prompt, negative_prompt, {**params, **_seed_params(s, j, batch_subseeds)})
+                              for j, s in enumerate(batch_seeds)]
             if interrupted:
                 break
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params,
                                 interrupted=interrupted)
+
+
+def _seed_params(seed, index, subseeds):
+    """A1111 writes each image's own seed, and its variation seed when one is in use."""
+    params = {"Seed": seed}
+    if subseeds:
+        params["Variation seed"] = subseeds[index]
+    return params
+
+
+def _check_sampler_options(sampler, options):
+    import inspect
+
+    params = inspect.signature(SAMPLERS[sampler]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return  # a thin wrapper passing options on; the sampler it calls checks them
+    accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("noise_sampler", "callback")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no option {', '.join(unknown)}; "
+                         f"its options: {', '.join(accepted) or 'none'}")
+
+
+def _option_params(resolved, options):
+    """Sampler options that differ from A1111's defaults, under A1111's infotext names."""
+    names = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+             "s_noise": "Sigma noise"}
+    defaults = resolved.options
+    return {names.get(k, k.replace("_", " ").capitalize()): v for k, v in options.items()
+            if defaults.get(k, object()) != v}
 
 
 def _initial_scale(sampler, sigma_max):
@@ -201,7 +247,7 @@ def _initial_scale(sampler, sigma_max):
 def _noise_sampler(resolved, x, sigmas, seeds, image_rng):
     if resolved.sampler in BROWNIAN_SAMPLERS:
         positive = sigmas[sigmas > 0]
-        return BrownianTreeNoiseSampler(x.shape, float(positive.min()), float(positive.max()), seed=seeds[0],
+        return BrownianTreeNoiseSampler(x.shape, float(positive.min()), float(positive.max()), seed=list(seeds),
                                         dtype=x.dtype)
     return lambda sigma, sigma_next: image_rng.next()
 
