@@ -66,7 +66,8 @@ def models_root(request, tmp_path_factory):
 
 
 def _cached_tiny_model(request):
-    sources = [ROOT / "tests" / "tiny_models.py", ROOT / "sdonnx" / "manifest.py", *sorted((ROOT / "converters").rglob("*.py"))]
+    sources = [ROOT / "tests" / "tiny_models.py", ROOT / "sdonnx" / "manifest.py",
+               *sorted((ROOT / "converters").rglob("*.py"))]
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     cached = Path(request.config.cache.mkdir(f"sdonnx-tiny-sd1-{key}")) / "model"
     if not (cached / "sdonnx.json").is_file():
@@ -332,9 +333,8 @@ def test_skip_drops_one_batch(client):
 
 
 def test_disconnected_client_frees_the_device(server, client):
-    with httpx.Client(base_url=server.url, timeout=1.0) as impatient:
-        with pytest.raises(httpx.ReadTimeout):
-            impatient.post(f"{API}/txt2img", json={"prompt": "abandoned", "steps": 1000, "n_iter": 100})
+    with httpx.Client(base_url=server.url, timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+        impatient.post(f"{API}/txt2img", json={"prompt": "abandoned", "steps": 1000, "n_iter": 100})
     _wait_idle(client, 10)
     r = client.post(f"{API}/txt2img", json={"prompt": "next", "steps": 2})
     assert r.status_code == 200 and len(r.json()["images"]) == 1
@@ -444,19 +444,27 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--remote-debugging-pipe"]
 
 
+def _high_fds(*fds):
+    """The fds moved to numbers >= 10, so that putting them on 3 and 4 cannot clobber one another."""
+    import fcntl
+
+    moved = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds)
+    for fd in fds:
+        os.close(fd)
+    return moved
+
+
 class Chromium:
     """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3 in, fd 4 out): no extra packages."""
 
     def __init__(self, binary, profile):
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-
-        def wire_fds():
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
-
-        self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                     preexec_fn=wire_fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL,
+        to_browser_r, self._to_browser = _high_fds(*os.pipe())
+        self._from_browser, from_browser_w = _high_fds(*os.pipe())
+        # bash puts the pipe ends on fds 3 and 4 (no preexec_fn: this process runs threads)
+        wrapper = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- {from_browser_w}>&-'
+        self.proc = subprocess.Popen(["bash", "-c", wrapper, "bash", binary, *CHROMIUM_FLAGS,
+                                      f"--user-data-dir={profile}", "about:blank"],
+                                     pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -498,8 +506,12 @@ class Chromium:
             time.sleep(0.1)
 
     def close(self):
-        self.proc.kill()
-        self.proc.wait(10)
+        try:  # a clean exit takes the renderer and helper processes with it
+            os.write(self._to_browser, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
         os.close(self._to_browser)
         os.close(self._from_browser)
 
@@ -524,8 +536,8 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         assert browser.js("document.getElementById('prompt').value") == "a lighthouse at dusk, <lora:detail:1>"
         browser.js("""document.getElementById('prompt').value = 'a lighthouse at dusk';
                       document.getElementById('generate').click()""")
-        browser.wait_for("document.querySelectorAll('#results img').length === 2 && "
-                         "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth === 64)")
+        browser.wait_for("[...document.querySelectorAll('#results img')].filter("
+                         "i => i.complete && i.naturalWidth === 64).length === 2")
         text = browser.js("document.querySelector('#results pre').textContent")
         assert text.startswith("a lighthouse at dusk\nNegative prompt: fog\n") and "Seed: 77," in text
         assert "Sampler: DPM++ 2M, Schedule type: Karras" in text

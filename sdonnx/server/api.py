@@ -139,8 +139,7 @@ def build_router(state):
 
     @router.post("/options")
     async def set_options(options: dict):
-        apply_options(state, options)
-        return None
+        apply_options(state, options)  # A1111 answers null
 
     # A1111 lists clients ask for at start-up; this server has none of these
     for name in ("upscalers", "latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers",

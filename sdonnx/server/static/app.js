@@ -112,8 +112,9 @@ async function generate(event) {
   pollProgress(stop);
   try {
     const result = await api("/" + mode(), body);
-    showResults(result, JSON.parse(result.info));
-    setStatus(`Done: ${result.images.length} image(s)`);
+    const info = JSON.parse(result.info);
+    setStatus(`${info.interrupted ? "Interrupted" : "Done"}: ${result.images.length} image(s)`);
+    showResults(result, info);
   } catch (e) {
     setStatus(e.message, true);
   } finally {
@@ -152,7 +153,6 @@ function showResults(result, info) {
     note.textContent = "Ignored: " + info.ignored_fields.join(", ");
     $("results").append(note);
   }
-  if (info.interrupted) setStatus("Interrupted");
 }
 
 async function reuseParameters(b64) {
