@@ -126,13 +126,15 @@ class Worker:
             with self._lock:
                 self._current = job
             job.started = time.monotonic()
+            result, error = None, None
             try:
                 result = job.run(job, self.pipeline)
             except Exception as e:  # handed to the waiting route, which answers with a JSON error
                 log.debug("job %s failed: %s", job.id, e, exc_info=True)
-                job.future.set_exception(e)
+                error = e
+            with self._lock:  # the device is free before the client hears back
+                self._current = None
+            if error is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(result)
-            finally:
-                with self._lock:
-                    self._current = None
