@@ -192,6 +192,17 @@ def test_minimal_payload_and_save_images(client, server):
     assert [p.name for p in (Path(outdir) / "txt2img-images").iterdir()] == ["00000-5.png"]
 
 
+def test_variation_seed(client):
+    body = {"prompt": "v", "steps": 2, "seed": 5, "subseed": 40, "subseed_strength": 0.3, "batch_size": 2,
+            "n_iter": 2, "seed_resize_from_w": -1, "seed_resize_from_h": -1}
+    info = json.loads(client.post(f"{API}/txt2img", json=body).json()["info"])
+    if "subseed" not in inspect.signature(Pipeline.generate).parameters:
+        assert "subseed" in info["ignored_fields"]
+        pytest.skip("Pipeline.generate takes no variation seed")
+    assert info["all_subseeds"] == [40, 41, 42, 43] and info["ignored_fields"] == []
+    assert "Variation seed: 43, Variation seed strength: 0.3" in info["infotexts"][3]
+
+
 def test_lists_and_options(client, models_root):
     assert [s["name"] for s in client.get(f"{API}/samplers").json()] == SAMPLER_NAMES
     schedulers = client.get(f"{API}/schedulers").json()

@@ -201,7 +201,20 @@ def plan_generation(state, req, mode):
     kwargs["width"], kwargs["height"] = _check_size(width or manifest.native_size, height or manifest.native_size,
                                                     manifest.vae_scale_factor)
     seed = random.randint(0, MAX_SEED) if req.seed == -1 else req.seed
+    _plan_variation(req, options, kwargs)
     return Plan(mode, entry, kwargs, seed, req.batch_size, req.n_iter, ignored, req.save_images)
+
+
+def _plan_variation(req, options, kwargs):
+    """A1111's variation seed, seed resize and ENSD, passed only when they change something."""
+    if req.subseed_strength:
+        kwargs.update(subseed=random.randint(0, MAX_SEED) if req.subseed == -1 else req.subseed,
+                      subseed_strength=req.subseed_strength)
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        kwargs.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
+    ensd = options.get("eta_noise_seed_delta") or 0
+    if ensd:
+        kwargs["ensd"] = _int_option("eta_noise_seed_delta", ensd, 0, MAX_SEED)
 
 
 def _plan_img2img(req, kwargs, factor):
@@ -261,9 +274,9 @@ def _check_size(width, height, factor):
     return width, height
 
 
-def _int_option(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 24:
-        raise ApiError(422, f"{name} must be a whole number from 1 to 24, got {value!r}")
+def _int_option(name, value, low=1, high=24):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(422, f"{name} must be a whole number from {low} to {high}, got {value!r}")
     return value
 
 
@@ -287,7 +300,10 @@ def run_plan(job, pipeline_for, plan, outdir):
         if job.stop:
             break
         job.next_iteration(n)
-        result = pipe.generate(**kwargs, seed=plan.seed + n * plan.batch_size, batch_size=plan.batch_size,
+        offset = n * plan.batch_size  # seeds (and subseeds) run on across iterations, as in one A1111 call
+        if "subseed" in kwargs:
+            kwargs["subseed"] = plan.kwargs["subseed"] + offset
+        result = pipe.generate(**kwargs, seed=plan.seed + offset, batch_size=plan.batch_size,
                                batch_count=1, callback=job.callback, **preview)
         images += result.images
         seeds += result.seeds
@@ -335,12 +351,13 @@ def _info(plan, req, outcome, job):
         "prompt": kw["prompt"], "all_prompts": [kw["prompt"]] * len(seeds),
         "negative_prompt": kw["negative_prompt"], "all_negative_prompts": [kw["negative_prompt"]] * len(seeds),
         "seed": seeds[0] if seeds else plan.seed, "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "subseed": kw.get("subseed", -1), "subseed_strength": kw.get("subseed_strength", 0),
+        "all_subseeds": [kw["subseed"] + i for i in range(len(seeds))] if "subseed" in kw else [-1] * len(seeds),
         "width": kw["width"], "height": kw["height"], "sampler_name": kw["sampler"],
         "scheduler": kw["scheduler"], "cfg_scale": kw["cfg_scale"], "steps": kw["steps"],
         "batch_size": plan.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": kw.get("seed_resize_from_w", -1), "seed_resize_from_h": kw.get("seed_resize_from_h", -1),
         "denoising_strength": kw.get("strength"), "extra_generation_params": _extra_params(params),
         "index_of_first_image": 0, "infotexts": outcome["infotexts"], "styles": [],
         "job_timestamp": job.timestamp, "clip_skip": kw["clip_skip"],

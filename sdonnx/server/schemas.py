@@ -27,6 +27,10 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
     sampler_name: str | None = None
     sampler_index: str | None = "Euler"  # A1111's API falls back to it when sampler_name is missing
     scheduler: str | None = None
