@@ -162,3 +162,25 @@ def test_single_lora_matches_diffusers(setup, name):
     assert np.abs(_images(ours) - base).mean() > 2, "the LoRA hardly changes the image: the test would not see errors"
     ref = _reference(torch_pipe, [lora_dir / f"{name}.safetensors"], [(0.8, 0.8)], latents)
     _compare(ours, ref, f"{family} {name} @0.8 vs diffusers")
+
+
+def test_several_loras_with_separate_weights_match_diffusers(setup):
+    family, torch_pipe, pipe, lora_dir = setup
+    latents = _noise(pipe, seed=3)
+    ours = _generate(pipe, f"<lora:kohya_a:0.3:1.2> {PROMPT} <lora:kohya_b:te=1.5:unet=-0.5>", latents)
+    ref = _reference(torch_pipe, [lora_dir / "kohya_a.safetensors", lora_dir / "kohya_b.safetensors"],
+                     [(0.3, 1.2), (1.5, -0.5)], latents)
+    _compare(ours, ref, f"{family} two LoRAs, separate te/unet weights vs diffusers")
+    assert 'Lora hashes: "kohya_a: ' in ours.infotext and ", kohya_b: " in ours.infotext
+
+
+def test_removing_the_tag_restores_the_base_exactly(setup):
+    family, torch_pipe, pipe, lora_dir = setup
+    latents = _noise(pipe, seed=4)
+    base = _images(_generate(pipe, PROMPT, latents))
+    with_lora = _images(_generate(pipe, f"{PROMPT} <lora:peft_a:1>", latents))
+    zero = _images(_generate(pipe, f"{PROMPT} <lora:peft_a:0>", latents))
+    again = _generate(pipe, PROMPT, latents)
+    assert np.abs(with_lora - base).mean() > 2
+    assert np.array_equal(_images(again), base) and np.array_equal(zero, base)
+    assert "Lora hashes" not in again.infotext
