@@ -95,15 +95,16 @@ def convert(source, outdir, force, family, prediction, dtype):
               help="Random number source: nv reproduces A1111's GPU seeds, cpu its CPU seeds.")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
 @click.option("--device-id", default=0, show_default=True, type=int)
+@click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
-             batch_size, batch_count, clip_skip, rng, provider, device_id, outdir):
+             batch_size, batch_count, clip_skip, rng, provider, device_id, lora_dir, outdir):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
     from .image import save_png
     from .pipeline import Pipeline
 
     try:
-        pipe = Pipeline.load(model, provider=provider, device_id=device_id)
+        pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir)
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
                     sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
                     batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng)
