@@ -84,6 +84,14 @@ def test_dpmpp_2m_karras_close_to_diffusers(setup):
     ("Euler a", "Karras", "sample_euler_ancestral", True),
     ("DPM++ 2M", "Automatic", "sample_dpmpp_2m", False),
     ("DDIM", "Automatic", "sample_euler", False),  # eta 0 DDIM is the Euler step on the DDIM schedule
+    ("Heun", "Karras", "sample_heun", False),
+    ("LMS", "Automatic", "sample_lms", False),
+    ("DPM2", "Automatic", "sample_dpm_2", False),
+    ("DPM2 a", "Automatic", "sample_dpm_2_ancestral", True),
+    ("DPM++ 2S a", "Automatic", "sample_dpmpp_2s_ancestral", True),
+    ("DPM++ SDE", "Automatic", "sample_dpmpp_sde", True),
+    ("DPM++ 2M SDE", "Automatic", "sample_dpmpp_2m_sde", True),
+    ("DPM++ 3M SDE", "Automatic", "sample_dpmpp_3m_sde", True),
 ])
 def test_matches_kdiffusion(setup, sampler, scheduler, kdiff_name, stochastic):
     family, torch_pipe, pipe = setup
@@ -95,7 +103,8 @@ def test_matches_kdiffusion(setup, sampler, scheduler, kdiff_name, stochastic):
     resolved = resolve(sampler, scheduler)
     sigmas = build_sigmas(resolved, STEPS, pipe.model_sigmas)
     rng = np.random.default_rng(7)
-    draws = [rng.standard_normal(latents.shape).astype(np.float32) for _ in range(STEPS)] if stochastic else None
+    # enough draws for samplers that take two per step; both sides consume them in k-diffusion's order
+    draws = [rng.standard_normal(latents.shape).astype(np.float32) for _ in range(2 * STEPS)] if stochastic else None
     it = iter(draws or [])
     ours = pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler=sampler, scheduler=scheduler,
                          seed=1, batch_size=2, latents=latents,
