@@ -15,5 +15,9 @@ python -m pip install --quiet -e ".[cpu,convert,serve,test]"
 # k-diffusion is the reference for sampler math; its own requirements (torchvision, clip, ...) are not
 # needed for sampling.py and do not install beside every torch, hence --no-deps.
 python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1"
+# the web page's test drives a headless Chromium; install it where we may (it skips, saying why, otherwise)
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: chromium not installed; the browser test will skip"
+fi
 export HF_HUB_OFFLINE=1
 python -m pytest "$@"
