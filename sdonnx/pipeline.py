@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .adapters.lora import Loras, extract_lora_tags
+from .adapters.lora import Loras, lora_requests
+from .adapters.textual_inversion import EmbeddingDatabase
 from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
 from .image import latents_to_images
 from .infotext import format_infotext
 from .manifest import load_manifest
+from .prompt import extract_networks
+from .prompt.conditioning import PromptEncoder, check_emphasis, encode_prompt
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
 from .samplers import SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
 DEFAULT_LORA_DIR = Path("models") / "Lora"
+DEFAULT_EMBEDDINGS_DIR = Path("models") / "embeddings"
 # k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
 BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
@@ -54,7 +58,7 @@ class GenerationResult:
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
-    def __init__(self, folder, manifest, plan, lora_dir=None):
+    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
@@ -65,17 +69,22 @@ class Pipeline:
         self._lora_components = {}  # (component, key) -> component built with merged weights
         info = manifest.text_encoders[0]
         self.tokenizer = ClipTokenizer.from_model(self.folder, info)
+        # textual inversion: a folder the user names must exist; the default one may be absent
+        self.embeddings = EmbeddingDatabase(embeddings_dir or DEFAULT_EMBEDDINGS_DIR, self.tokenizer,
+                                            required=embeddings_dir is not None)
         ns = manifest.noise_schedule
         self.model_sigmas = model_sigmas(betas_from_config(ns.beta_start, ns.beta_end, ns.beta_schedule,
                                                            ns.num_train_timesteps))
 
     @classmethod
-    def load(cls, path, provider="auto", device_id=0, lora_dir=None):
+    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
-        lora_dir: where `<lora:name:...>` tags find their files (default models/Lora)."""
+        lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
+        textual inversion files, used by file name in prompts (default models/embeddings)."""
         manifest = load_manifest(path)
-        return cls(path, manifest, providers_mod.plan(provider, device_id), lora_dir=lora_dir)
+        return cls(path, manifest, providers_mod.plan(provider, device_id), lora_dir=lora_dir,
+                   embeddings_dir=embeddings_dir)
 
     @property
     def providers(self):
@@ -112,15 +121,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
 
-    def encode_prompts(self, texts, clip_skip=1):
-        """Plain prompts -> [B, 77, D]: truncated to 75 tokens, start/end tokens, padded (as diffusers)."""
-        tok = self.tokenizer
-        room = tok.max_length - 2
-        rows = []
-        for ids in tok.encode_batch(texts):
-            ids = [tok.bos_id, *ids[:room], tok.eos_id]
-            rows.append(ids + [tok.pad_id] * (tok.max_length - len(ids)))
-        return self._component("text_encoder")(np.asarray(rows, np.int64), clip_skip=clip_skip)
+    def encode_prompts(self, prompt, negative_prompt="", steps=1, clip_skip=1, emphasis="Original", guidance=True):
+        """Prompt and negative prompt (A1111 prompt language, extra-network tags already taken out) ->
+        (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis)."""
+        self.embeddings.refresh()
+        encoder = PromptEncoder(self.tokenizer, self._component("text_encoder"), self.embeddings,
+                                clip_skip=clip_skip, emphasis=check_emphasis(emphasis))
+        conditioning = encode_prompt(encoder, prompt, negative_prompt, steps, guidance=guidance)
+        hashes = {name.replace(":", "").replace(",", ""): e.shorthash for name, e in encoder.used.items()}
+        emphasized = emphasis != "Original" and any(c in prompt + negative_prompt for c in "([")
+        return conditioning, {"TI hashes": hashes or None, "Emphasis": emphasis if emphasized else None}
 
     def decode(self, latents):
         """latents: [B, C, h, w] in the sampler's scale -> PIL images."""
@@ -133,7 +143,7 @@ class Pipeline:
                  scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
                  latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, preview=None,
                  subseed=-1, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0, ensd=0,
-                 sigma_min=None, sigma_max=None, rho=None, **sampler_options):
+                 sigma_min=None, sigma_max=None, rho=None, emphasis="Original", **sampler_options):
         """txt2img. Returns GenerationResult(images, seeds, infotexts).
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
@@ -167,16 +177,16 @@ class Pipeline:
         variation = subseed_strength > 0
         subseed = (random.randint(0, MAX_SEED) if subseed is None or int(subseed) == -1 else int(subseed)) if variation else None
         # --- conditioning start (prompt language: issue 4)
-        prompt_text, lora_tags = extract_lora_tags(prompt)  # LoRA: until the prompt parser hands its tags
-        lora_hashes = self.set_loras(lora_tags)
-        texts_cond = [prompt_text] * batch_size
-        cond = self.encode_prompts(texts_cond, clip_skip)
-        uncond = self.encode_prompts([negative_prompt] * batch_size, clip_skip) if cfg_scale != 1.0 else None
+        prompt_text, networks = extract_networks(prompt)  # A1111 takes tags from the positive prompt only
+        lora_hashes = self.set_loras(lora_requests(networks))  # LoRA hook: before the text encoder runs
+        conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, steps, clip_skip, emphasis,
+                                                          guidance=cfg_scale != 1.0)
         # --- conditioning end
         denoise_args = (self._component("unet"), self.model_sigmas, m.prediction_type)
         params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
                   "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng), "Lora hashes": lora_hashes,
+                  **prompt_params,
                   "Variation seed strength": subseed_strength if variation else None,
                   "Seed resize from": (seed_resize_from_w, seed_resize_from_h) if seed_resize_from_w > 0 and seed_resize_from_h > 0 else None,
                   "ENSD": ensd or None, "Schedule max sigma": sigma_max, "Schedule min sigma": sigma_min,
@@ -192,7 +202,7 @@ class Pipeline:
             noise = latents if latents is not None else image_rng.first()
             x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
             step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
-            denoise = cfg_denoiser(*denoise_args, cond=cond, uncond=uncond, cfg_scale=cfg_scale)
+            denoise = cfg_denoiser(*denoise_args, cfg_scale=cfg_scale, cond_at=conditioning.at)
             on_step = _step_reporter(callback, n * steps, total, preview)
             try:
                 x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,

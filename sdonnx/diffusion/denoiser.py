@@ -12,36 +12,48 @@ def scalings(sigma, prediction_type):
     return 1.0, -sigma, c_in
 
 
-def cfg_denoiser(unet, model_sigmas, prediction_type, cond, uncond=None, cfg_scale=1.0, cond_at=None):
-    """Build denoise(x, sigma) for x: [B, C, h, w]; cond/uncond: [B, T, D].
+def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cfg_scale=1.0, cond_at=None):
+    """Build denoise(x, sigma) for x: [B, C, h, w]; cond/uncond: [B, T, D] (or [T, D], shared by the batch).
 
-    With guidance, one UNet call takes the batch [uncond, cond] (A1111's and diffusers' order) and the
-    result is uncond + cfg_scale * (cond - uncond) on the denoised latents (the same as on the noise
-    prediction: both are linear in it). cond_at(step) -> (cond, uncond), if given, supplies per-step
-    conditioning (prompt editing; `step` counts model calls, as A1111's CFG denoiser does) and
-    overrides cond/uncond.
+    With guidance, one UNet call takes the batch [uncond, cond_1, ..., cond_k] and the result is
+    uncond + sum_i w_i * cfg_scale * (cond_i - uncond) on the denoised latents (A1111's composable
+    diffusion; the same as on the noise prediction, both being linear in it). cond_at(step) ->
+    (uncond or None, [(cond_i, w_i)]), if given, supplies per-step conditioning (prompt editing) and
+    overrides cond/uncond; `step` counts model calls from 0, as A1111's CFG denoiser does, so a Heun
+    step counts twice.
     """
-    guided = uncond is not None and cfg_scale != 1.0
     step = {"i": 0}
 
     def denoise(x, sigma):
-        c, u = cond_at(step["i"]) if cond_at else (cond, uncond)
+        u, conds = cond_at(step["i"]) if cond_at else (uncond, [(cond, 1.0)])
         step["i"] += 1
+        guided = u is not None and (cfg_scale != 1.0 or len(conds) > 1 or conds[0][1] != 1.0)
         c_skip, c_out, c_in = scalings(float(sigma), prediction_type)
-        t = np.full(x.shape[0] * (2 if guided else 1), sigma_to_t(float(sigma), model_sigmas), np.float32)
-        if guided:
-            batch_x = np.concatenate([x, x]) * c_in
-            context = np.concatenate(_same_length(u, c))
-            out = unet(batch_x, t, context)
-            denoised = x[None] * c_skip + out.reshape(2, *x.shape) * c_out
-            return (denoised[0] + cfg_scale * (denoised[1] - denoised[0])).astype(np.float32)
-        return (x * c_skip + unet(x * c_in, t, c) * c_out).astype(np.float32)
+        batch = len(x)
+        contexts = [_per_image(u, batch)] if guided else []
+        contexts += [_per_image(c, batch) for c, _ in conds] if guided else [_per_image(conds[0][0], batch)]
+        _same_length(contexts)
+        n = len(contexts)
+        t = np.full(batch * n, sigma_to_t(float(sigma), model_sigmas), np.float32)
+        out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts))
+        denoised = x[None] * c_skip + out.reshape(n, *x.shape) * c_out
+        if not guided:
+            return denoised[0].astype(np.float32)
+        result = denoised[0]
+        for k, (_, weight) in enumerate(conds, start=1):
+            result = result + (weight * cfg_scale) * (denoised[k] - denoised[0])
+        return result.astype(np.float32)
 
     return denoise
 
 
-def _same_length(uncond, cond):
+def _per_image(context, batch):
+    context = np.asarray(context, np.float32)
+    return np.broadcast_to(context, (batch, *context.shape)) if context.ndim == 2 else context
+
+
+def _same_length(contexts):
     """The prompt stage pads positive and negative to the same number of chunks; check it held."""
-    if uncond.shape[1] != cond.shape[1]:
-        raise ValueError(f"cond has {cond.shape[1]} tokens and uncond {uncond.shape[1]}: pad to equal chunks first")
-    return uncond, cond
+    lengths = {c.shape[1] for c in contexts}
+    if len(lengths) > 1:
+        raise ValueError(f"conditionings have {sorted(lengths)} tokens: pad to equal chunks first")

@@ -26,3 +26,8 @@ class ClipTokenizer:
 
     def id_to_token(self, token_id):
         return self._tok.id_to_token(token_id)
+
+    @property
+    def comma_id(self):
+        """Id of the `,` word token (A1111 backtracks chunk boundaries to it); None if the vocab lacks it."""
+        return self._tok.token_to_id(",</w>")

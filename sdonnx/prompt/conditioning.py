@@ -1,0 +1,199 @@
+"""Prompt text -> per-step text-encoder conditioning, with A1111's chunking, emphasis and embeddings.
+
+A prompt is split on AND; each part is scheduled (editing, alternation); each part's texts are
+encoded together (A1111 encodes one prompt's schedule as one batch: emphasis restores the mean of
+that batch), every distinct text once. Long prompts become 75-token chunks with their own start and
+end tokens, concatenated.
+"""
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .attention import parse_attention
+from .extras import split_and
+from .schedule import schedule
+
+CHUNK = 75
+COMMA_BACKTRACK = 20
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
+
+
+@dataclass
+class Chunk:
+    ids: list = field(default_factory=list)  # CHUNK + 2 token ids once closed
+    weights: list = field(default_factory=list)
+    fixes: list = field(default_factory=list)  # (offset in ids, Embedding)
+
+
+def check_emphasis(emphasis):
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS_MODES)}")
+    return emphasis
+
+
+def tokenize_line(line, tokenizer, embeddings=None, emphasis="Original", backtrack=COMMA_BACKTRACK):
+    """One prompt text -> [Chunk]: 75 tokens each plus start/end, split at BREAK, moved back to the
+    last comma when the boundary falls within `backtrack` tokens of it, embeddings kept whole."""
+    parsed = parse_attention(line) if emphasis != "None" else [(line, 1.0)]
+    token_lists = tokenizer.encode_batch([text for text, _ in parsed])
+    chunks, cur = [], Chunk()
+    last_comma = -1
+
+    def close(chunk):
+        pad = CHUNK - len(chunk.ids)
+        chunk.ids = [tokenizer.bos_id, *chunk.ids, *[tokenizer.eos_id] * pad, tokenizer.eos_id]
+        chunk.weights = [1.0, *chunk.weights, *[1.0] * pad, 1.0]
+        chunk.fixes = [(offset + 1, emb) for offset, emb in chunk.fixes]
+        chunks.append(chunk)
+        return Chunk()
+
+    for ids, (text, weight) in zip(token_lists, parsed):
+        if text == "BREAK" and weight == -1:
+            cur, last_comma = close(cur), -1
+            continue
+        pos = 0
+        while pos < len(ids):
+            if ids[pos] == tokenizer.comma_id:
+                last_comma = len(cur.ids)
+            elif backtrack and len(cur.ids) == CHUNK and last_comma != -1 and CHUNK - last_comma <= backtrack:
+                cut = last_comma + 1
+                moved = Chunk(cur.ids[cut:], cur.weights[cut:], [(o - cut, e) for o, e in cur.fixes if o >= cut])
+                cur.ids, cur.weights = cur.ids[:cut], cur.weights[:cut]
+                cur.fixes = [(o, e) for o, e in cur.fixes if o < cut]
+                close(cur)
+                cur, last_comma = moved, -1
+            if len(cur.ids) == CHUNK:
+                cur, last_comma = close(cur), -1
+            embedding, covered = embeddings.find_at(ids, pos) if embeddings else (None, 0)
+            if embedding is None:
+                cur.ids.append(ids[pos])
+                cur.weights.append(weight)
+                pos += 1
+                continue
+            n = len(embedding.vectors)
+            if len(cur.ids) + n > CHUNK:
+                cur, last_comma = close(cur), -1
+            cur.fixes.append((len(cur.ids), embedding))
+            cur.ids += [0] * n
+            cur.weights += [weight] * n
+            pos += covered
+    if cur.ids or not chunks:
+        close(cur)
+    return chunks
+
+
+class PromptEncoder:
+    """Texts -> [T, D] conditioning per text, A1111 style. Records the embeddings it used."""
+
+    def __init__(self, tokenizer, text_encoder, embeddings=None, clip_skip=1, emphasis="Original"):
+        self.tokenizer, self.text_encoder, self.embeddings = tokenizer, text_encoder, embeddings
+        self.clip_skip, self.emphasis = clip_skip, check_emphasis(emphasis)
+        self.used = {}  # embedding name -> Embedding, in order of first use
+        self._empty = None
+
+    def empty(self):
+        """The encoded empty prompt [77, D]: what A1111 pads the shorter of cond/uncond with."""
+        if self._empty is None:
+            self._empty = self.encode_batch([""])[""]
+        return self._empty
+
+    def encode_batch(self, texts):
+        """texts (repeats allowed, as a schedule has them) -> {text: [77 * chunks, D]}.
+
+        Texts with fewer chunks are padded with empty chunks; emphasis "Original" restores the mean of
+        each chunk position over the whole batch, repeats counted, as A1111 does."""
+        counts = Counter(texts)
+        distinct = list(counts)
+        per_text = [tokenize_line(t, self.tokenizer, self.embeddings, self.emphasis) for t in distinct]
+        weights = np.array([counts[t] for t in distinct], np.float64)
+        out = [[] for _ in distinct]
+        for i in range(max(len(c) for c in per_text)):
+            batch = [c[i] if i < len(c) else tokenize_line("", self.tokenizer)[0] for c in per_text]
+            z = self._encode_chunks(batch)
+            for row, z_row in zip(out, self._emphasize(z, batch, weights)):
+                row.append(z_row)
+        return {t: np.concatenate(rows) for t, rows in zip(distinct, out)}
+
+    def _encode_chunks(self, batch):
+        tok = self.tokenizer
+        ids = np.array([c.ids for c in batch], np.int64)
+        if tok.eos_id != tok.pad_id:  # SD 2: pad id after the first end token
+            for row in ids:
+                row[int(np.argmax(row == tok.eos_id)) + 1:] = tok.pad_id
+        embeds = self.text_encoder.embed(ids).astype(np.float32, copy=True)
+        for b, chunk in enumerate(batch):
+            for offset, embedding in chunk.fixes:
+                embedding.check_width(embeds.shape[-1])
+                n = min(len(embedding.vectors), embeds.shape[1] - offset - 1)
+                embeds[b, offset:offset + n] = embedding.vectors[:n]
+                self.used.setdefault(embedding.name, embedding)
+        return self.text_encoder(ids, clip_skip=self.clip_skip, inputs_embeds=embeds)
+
+    def _emphasize(self, z, batch, counts):
+        if self.emphasis in ("Ignore", "None"):
+            return z
+        mult = np.array([c.weights for c in batch], np.float32)[..., None]
+        weighted = z * mult
+        if self.emphasis == "No norm":
+            return weighted
+        original, new = _mean(z, counts), _mean(weighted, counts)
+        return weighted * np.float32(original / new)
+
+
+def _mean(z, counts):
+    return float(np.einsum("b,b->", z.astype(np.float64).mean(axis=(1, 2)), counts) / counts.sum())
+
+
+@dataclass
+class Conditioning:
+    """Per-step conditioning: `at(step)` -> (uncond [T, D] or None, [(cond [T, D], weight)]).
+
+    `step` counts denoiser calls from 0, as A1111's CFG denoiser does (a Heun step counts twice);
+    an entry (end_step, z) applies while step <= end_step."""
+    parts: list  # [([(end_step, z)], weight)] for the AND parts of the prompt
+    uncond: list = None  # [(end_step, z)]
+    empty: np.ndarray = None
+
+    def at(self, step):
+        conds = [(_pick(sched, step), w) for sched, w in self.parts]
+        length = max(z.shape[0] for z, _ in conds)
+        conds = [(_repeat_last(z, length), w) for z, w in conds]
+        if self.uncond is None:
+            return None, conds
+        uncond = _pick(self.uncond, step)
+        extra = (length - uncond.shape[0]) // self.empty.shape[0]
+        if extra > 0:
+            uncond = np.concatenate([uncond, *[self.empty] * extra])
+        elif extra < 0:
+            conds = [(np.concatenate([z, *[self.empty] * -extra]), w) for z, w in conds]
+        return uncond, conds
+
+
+def _pick(sched, step):
+    for end, z in sched:
+        if step <= end:
+            return z
+    return sched[0][1]  # past the last end step (more calls than steps): A1111 falls back to the first
+
+
+def _repeat_last(z, length):
+    return z if z.shape[0] == length else np.concatenate([z, np.repeat(z[-1:], length - z.shape[0], axis=0)])
+
+
+def encode_prompt(encoder, prompt, negative_prompt, steps, guidance=True):
+    """Positive (AND parts with weights) and negative prompt -> Conditioning.
+
+    The negative prompt is encoded when guidance is on or the positive prompt composes parts."""
+    parts = []
+    for text, weight in split_and(prompt):
+        sched = schedule(text, steps)
+        z = encoder.encode_batch([t for _, t in sched])
+        parts.append(([(end, z[t]) for end, t in sched], weight))
+    composed = len(parts) > 1 or parts[0][1] != 1.0
+    uncond = None
+    if guidance or composed:
+        sched = schedule(negative_prompt, steps)
+        z = encoder.encode_batch([t for _, t in sched])
+        uncond = [(end, z[t]) for end, t in sched]
+    return Conditioning(parts, uncond, encoder.empty() if uncond is not None else None)
