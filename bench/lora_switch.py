@@ -17,9 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from sdonnx import Pipeline  # noqa: E402
-from sdonnx.adapters.lora import LoraRequest  # noqa: E402
-from sdonnx.adapters.names import modules  # noqa: E402
+from sdonnx import Pipeline
+from sdonnx.adapters.lora import LoraRequest
+from sdonnx.adapters.names import modules
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
            "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -27,6 +27,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pro
 
 def tiny_model(folder):
     import tiny_models
+
     from converters.convert import convert
 
     tiny_models.save_pipeline(folder / "diffusers", "sd1")
@@ -79,8 +80,8 @@ def run(pipe, names):
     ]
     rows = []
     for label, requests in steps:
-        total, _ = timed(lambda: (pipe.set_loras(requests), pipe._component("text_encoder"), pipe._component("unet")))
-        merge, _ = timed(lambda: pipe._loras.apply(requests)) if requests else (0.0, None)
+        total, _ = timed(lambda r=requests: (pipe.set_loras(r), pipe._component("text_encoder"), pipe._component("unet")))
+        merge, _ = timed(lambda r=requests: pipe._loras.apply(r)) if requests else (0.0, None)
         rows.append((label, merge, total))
     return rows
 

@@ -16,15 +16,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from safetensors.torch import save_file  # noqa: E402
-from torch_reference import diffusers_images  # noqa: E402
+from safetensors.torch import save_file
+from torch_reference import diffusers_images
 
-from sdonnx import Pipeline  # noqa: E402
-from sdonnx.adapters.lora import LoraError, extract_lora_tags  # noqa: E402
+from sdonnx import Pipeline
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 STEPS, CFG = 6, 7.0
-TIGHT = dict(max=2, mean=0.05)
+TIGHT = {"max": 2, "mean": 0.05}
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "time_emb_proj"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
@@ -175,7 +174,7 @@ def test_several_loras_with_separate_weights_match_diffusers(setup):
 
 
 def test_removing_the_tag_restores_the_base_exactly(setup):
-    family, torch_pipe, pipe, lora_dir = setup
+    _, _, pipe, _ = setup
     latents = _noise(pipe, seed=4)
     base = _images(_generate(pipe, PROMPT, latents))
     with_lora = _images(_generate(pipe, f"{PROMPT} <lora:peft_a:1>", latents))

@@ -13,11 +13,17 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from safetensors.torch import save_file  # noqa: E402
-from test_lora import peft_lora, write_kohya  # noqa: E402
+from safetensors.torch import save_file
+from test_lora import peft_lora, write_kohya
 
-from sdonnx.adapters.lora import LoraError, LoraLibrary, LoraMerger, LoraRequest, load_lora  # noqa: E402
-from sdonnx.manifest import load_manifest  # noqa: E402
+from sdonnx.adapters.lora import (
+    LoraError,
+    LoraLibrary,
+    LoraMerger,
+    LoraRequest,
+    load_lora,
+)
+from sdonnx.manifest import load_manifest
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.0.resnets.0.conv1"
@@ -220,7 +226,7 @@ def test_bad_files(tmp_path):
 
 
 def test_library_finds_by_stem_in_subfolders_and_rereads_changed_files(model, tmp_path):
-    torch_pipe, merger = model
+    torch_pipe, _ = model
     layers, configs = peft_lora(torch_pipe, rank=2, alpha=2, seed=11)
     (tmp_path / "styles").mkdir()
     path = write_kohya(tmp_path / "styles" / "ink.safetensors", layers, configs)
@@ -233,3 +239,33 @@ def test_library_finds_by_stem_in_subfolders_and_rereads_changed_files(model, tm
     layers2, _ = peft_lora(torch_pipe, rank=2, alpha=2, seed=12)
     write_kohya(path, layers2, configs)
     assert library.get("ink") is not first
+
+
+def test_switching_never_rereads_base_weights(model, tmp_path, monkeypatch):
+    torch_pipe, _ = model
+    merger = LoraMerger(model[1].folder, model[1].manifest)  # fresh: nothing read yet
+    layers, configs = peft_lora(torch_pipe, rank=2, alpha=2, seed=13)
+    lora = load_lora(write_kohya(tmp_path / "a.safetensors", layers, configs))
+    reads = []
+    for component in ("unet", "text_encoder"):
+        weights = merger.base(component)
+        original = weights._read
+        monkeypatch.setattr(weights, "_read", lambda t, original=original: reads.append(t.name) or original(t))
+    first = merger.apply([(lora, 1.0, 1.0)])
+    count = len(reads)
+    assert count == sum(len(r) for r in first.replacements.values())
+    again = merger.apply([(lora, 0.5, -1.0)])
+    assert len(reads) == count
+    for component, arrays in again.replacements.items():
+        for name, value in arrays.items():
+            assert value.dtype == merger.base(component).get(name).dtype and not np.array_equal(value, first.replacements[component][name])
+
+
+def test_bfloat16_and_fp16_tensors_are_read(tmp_path):
+    from sdonnx.adapters.lora import read_safetensors
+
+    a = torch.randn(3, 4)
+    save_file({"x": a.bfloat16(), "y": a.half(), "alpha": torch.tensor(2.0)}, str(tmp_path / "t.safetensors"))
+    tensors, _ = read_safetensors(tmp_path / "t.safetensors")
+    assert np.array_equal(tensors["x"], a.bfloat16().float().numpy())
+    assert np.array_equal(tensors["y"], a.half().numpy()) and tensors["alpha"].shape == ()

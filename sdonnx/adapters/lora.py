@@ -22,7 +22,7 @@ from ..infotext import addnet_hash, sha256_file
 from . import networks
 from .names import PREFIXES, SDXL_ONLY_PREFIXES, Resolver, modules
 from .onnx_weights import OnnxWeights
-from .torch_pickle import load_torch_file
+from .torch_pickle import load_torch_file, widen_bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def read_safetensors(path):
             raise ValueError(f"tensor {key} lies outside the file")
         array = np.frombuffer(body[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
+            array = widen_bfloat16(array)
         tensors[key] = array
     return tensors, metadata
 

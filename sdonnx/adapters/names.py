@@ -114,8 +114,7 @@ _PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora$")
 def _modern_diffusers(key):
     """Old diffusers attention-processor LoRA names -> module names (`attn1.processor.to_out_lora` ->
     `attn1.to_out.0`); PEFT's `base_model.model.` wrapper prefix dropped."""
-    if key.startswith("base_model.model."):
-        key = key[len("base_model.model."):]
+    key = key.removeprefix("base_model.model.")
     match = _PROCESSOR.search(key)
     if match:
         layer = match.group(1)

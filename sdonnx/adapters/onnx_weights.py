@@ -56,7 +56,7 @@ def _packed_varints(view):
 
 
 class _Tensor:
-    __slots__ = ("name", "dtype", "shape", "location", "offset", "length", "raw")
+    __slots__ = ("dtype", "length", "location", "name", "offset", "raw", "shape")
 
     def __init__(self, view):
         self.name, self.dtype, self.location, self.offset, self.length, self.raw = "", None, None, 0, None, None

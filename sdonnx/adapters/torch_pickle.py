@@ -73,10 +73,15 @@ class _Unpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def widen_bfloat16(bits):
+    """bfloat16 values given as their uint16 bit patterns -> float32 (bfloat16 is float32's upper half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def _storage_array(raw, kind):
     dtype = _STORAGES[kind]
     if dtype == "bfloat16":
-        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+        return widen_bfloat16(np.frombuffer(raw, "<u2"))
     return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).astype(dtype)
 
 
