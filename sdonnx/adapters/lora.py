@@ -38,7 +38,6 @@ _SUFFIXES = {
 }
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 _PEFT_NAMED = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")  # PEFT with the adapter name left in
-_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
 class LoraError(ValueError):
@@ -68,17 +67,9 @@ class LoraRequest:
         return cls(name, te, unet)
 
 
-def lora_requests(networks_):
+def lora_requests(extra_networks):
     """ExtraNetwork(kind, name, args) items from the prompt parser -> LoraRequests (other kinds ignored)."""
-    return [LoraRequest.from_args(n.name, list(n.args)) for n in networks_ if n.kind == "lora"]
-
-
-def extract_lora_tags(prompt):
-    """prompt -> (prompt without its <lora:...> tags, [LoraRequest]). A minimal stand-in for the prompt
-    parser's extra-network extraction."""
-    requests = [LoraRequest.from_args(m.group(1), [a for a in m.group(2).split(":")[1:]])
-                for m in _TAG.finditer(prompt)]
-    return _TAG.sub("", prompt), requests
+    return [LoraRequest.from_args(n.name, list(n.args)) for n in extra_networks if n.kind == "lora"]
 
 
 # ---------------------------------------------------------------------------------------------- files
