@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import __version__
 from .adapters.lora import Loras, lora_requests
@@ -17,6 +18,7 @@ from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
 from .image import latents_to_images
+from .img2img import InitPlan, hires_plan as _hires_plan, img2img_sigmas as _img2img_sigmas, to_array, upscale_latents
 from .infotext import format_infotext
 from .manifest import load_manifest
 from .prompt import extract_networks
@@ -36,6 +38,7 @@ BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
 # k-diffusion scaling is noise * sqrt(1 + sigma^2), not noise * sigma (diffusers' DDIM agrees)
 TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
+TILEABLE = frozenset({"unet", "vae_decoder", "vae_encoder"})  # the graphs with spatial convolutions
 
 
 class Interrupted(Exception):
@@ -58,15 +61,17 @@ class GenerationResult:
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
-    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None):
+    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
-        self._components = {}
+        self.lowmem = lowmem
+        self._components = {}  # (name, LoRA key or None, tiling or None) -> component facade
         self.lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
         self._loras = None  # adapters.lora.Loras, made on the first LoRA tag
         self._lora_keys = {}  # component -> cache key of the active LoRA set
-        self._lora_components = {}  # (component, key) -> component built with merged weights
+        self._lora_replacements = {}  # component -> {initializer: merged array} of the active set
+        self._tiling = None
         info = manifest.text_encoders[0]
         self.tokenizer = ClipTokenizer.from_model(self.folder, info)
         # textual inversion: a folder the user names must exist; the default one may be absent
@@ -77,26 +82,42 @@ class Pipeline:
                                                            ns.num_train_timesteps))
 
     @classmethod
-    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None):
+    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
-        textual inversion files, used by file name in prompts (default models/embeddings)."""
+        textual inversion files, used by file name in prompts (default models/embeddings). lowmem: create
+        each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
+        memory follows the largest component instead of their sum, at the cost of session creation time."""
         manifest = load_manifest(path)
         return cls(path, manifest, providers_mod.plan(provider, device_id), lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir)
+                   embeddings_dir=embeddings_dir, lowmem=lowmem)
 
     @property
     def providers(self):
         return list(self.plan.names)
 
     def _component(self, name):
-        if name in self._lora_keys:
-            return self._lora_components[(name, self._lora_keys[name])]
-        if name not in self._components:
+        """The session facade for `name` with the active LoRA set and tiling, created on first use."""
+        tiling = self._tiling if name in TILEABLE else None
+        key = (name, self._lora_keys.get(name), tiling)
+        if key not in self._components:
             kind = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
-            self._components[name] = kind[name](self.folder, self.manifest, name, self.plan)
-        return self._components[name]
+            options = {"replacements": self._lora_replacements[name]} if key[1] is not None else {}
+            if tiling:
+                options["tiling"] = tiling
+            # one LoRA variant per component is kept beside the base: drop the others
+            for old in [k for k in self._components if k[0] == name and k[1] is not None and k != key]:
+                del self._components[old]
+            self._components[key] = kind[name](self.folder, self.manifest, name, self.plan, **options)
+        return self._components[key]
+
+    def _set_tiling(self, tiling):
+        """tiling: None/False, True or "xy", "x", "y" (seamless in those directions)."""
+        value = {None: None, False: None, True: "xy", "": None}.get(tiling, tiling)
+        if value is not None and value not in ("xy", "x", "y"):
+            raise ValueError(f"tiling {tiling!r}: choose True/'xy', 'x', 'y' or None")
+        self._tiling = value
 
     def set_loras(self, requests):
         """Give the text encoder and UNet these LoRAs ([LoraRequest]; [] restores the base sessions exactly).
@@ -104,19 +125,13 @@ class Pipeline:
         Merged sessions are cached per LoRA set, one per component besides the base. Returns the
         `Lora hashes` infotext value ({name: short hash}), or None without LoRAs."""
         if not requests:
-            self._lora_keys = {}
+            self._lora_keys, self._lora_replacements = {}, {}
             return None
         if self._loras is None:
             self._loras = Loras(self.folder, self.manifest, self.lora_dir)
         applied = self._loras.apply(requests)
-        kind = {"text_encoder": TextEncoder, "unet": UNet}
-        for name, key in applied.keys.items():
-            if (name, key) not in self._lora_components:
-                for old in [k for k in self._lora_components if k[0] == name]:
-                    del self._lora_components[old]
-                self._lora_components[(name, key)] = kind[name](self.folder, self.manifest, name, self.plan,
-                                                                replacements=applied.replacements[name])
         self._lora_keys = dict(applied.keys)
+        self._lora_replacements = {name: applied.replacements[name] for name in applied.keys}
         return applied.hashes
 
     # ------------------------------------------------------------------ stages
@@ -132,10 +147,30 @@ class Pipeline:
         emphasized = emphasis != "Original" and any(c in prompt + negative_prompt for c in "([")
         return conditioning, {"TI hashes": hashes or None, "Emphasis": emphasis if emphasized else None}
 
-    def decode(self, latents):
-        """latents: [B, C, h, w] in the sampler's scale -> PIL images."""
-        decoded = self._component("vae_decoder")(latents / self.manifest.vae_scaling_factor)
-        return latents_to_images(decoded)
+    def decode(self, latents, tiled=None):
+        """latents: [B, C, h, w] in the sampler's scale -> PIL images (in tiles when tiled, or when None
+        and the image is large)."""
+        latents = latents / self.manifest.vae_scaling_factor
+        f = self.manifest.vae_scale_factor
+        if _use_tiles(tiled, (latents.shape[2] * f, latents.shape[3] * f)):
+            from .tiled_vae import decode_tiled
+
+            return latents_to_images(decode_tiled(self._component("vae_decoder"), latents))
+        return latents_to_images(self._component("vae_decoder")(latents))
+
+    def encode_images(self, images):
+        """images: [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] in the sampler's scale.
+
+        The posterior mean, not a random sample as A1111 draws (its spread is ~1e-3 of the latent):
+        the same image always gives the same latents."""
+        mean, _ = self._component("vae_encoder")(np.asarray(images, np.float32))
+        return mean * self.manifest.vae_scaling_factor
+
+    def _release(self, *names):
+        """lowmem: drop the sessions of a finished stage so peak memory follows the largest component."""
+        if self.lowmem:
+            for key in [k for k in self._components if k[0] in names]:
+                del self._components[key]
 
     # ------------------------------------------------------------------ generate
 
@@ -143,8 +178,16 @@ class Pipeline:
                  scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
                  latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, preview=None,
                  subseed=-1, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0, ensd=0,
-                 sigma_min=None, sigma_max=None, rho=None, emphasis="Original", **sampler_options):
-        """txt2img. Returns GenerationResult(images, seeds, infotexts).
+                 sigma_min=None, sigma_max=None, rho=None, emphasis="Original",
+                 init_image=None, strength=0.75, resize_mode=0, mask=None, mask_blur=4, inpainting_fill=1,
+                 inpaint_full_res=False, inpaint_full_res_padding=32, inpainting_mask_invert=False,
+                 hires=False, hires_scale=2.0, hires_width=0, hires_height=0, hires_upscaler="Latent",
+                 hires_steps=0, hires_denoising=0.7, hires_sampler=None, hires_scheduler=None,
+                 hires_prompt=None, hires_negative_prompt=None, tiling=None, tiled_vae=None,
+                 **sampler_options):
+        """txt2img, img2img and inpainting (with init_image / mask), with optional hires fix.
+
+        Returns GenerationResult(images, seeds, infotexts).
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
         first sigma. callback(step, total) is called after every sampler step of every batch; when it raises
@@ -158,9 +201,28 @@ class Pipeline:
         seed_resize_from_w/h A1111's "resize seed from"; ensd is the eta noise seed delta (ancestral and
         SDE noise). sigma_min/sigma_max/rho override the schedule; sampler_options (eta, s_churn, s_tmin,
         s_tmax, s_noise, ...) go to the sampler, defaulting to A1111's values.
+
+        img2img (A1111's semantics): init_image (PIL image or path) is resized to width x height by
+        resize_mode (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale), encoded, and
+        noised to the schedule's step int(min(strength, 0.999) * steps); the last t_enc + 1 steps of a
+        `steps`-step schedule run. Width/height default to the init image's size rounded to 8.
+        Inpainting: mask (white = repaint, same size as init_image), mask_blur, inpainting_fill (0 fill,
+        1 original, 2 latent noise, 3 latent nothing), inpaint_full_res (only the masked area, grown by
+        inpaint_full_res_padding, is processed at width x height), inpainting_mask_invert. 9-channel
+        inpainting models get the mask and masked image as extra UNet input; every model's result keeps
+        the original outside the mask.
+        Hires fix: hires=True runs a second img2img pass at hires_scale (or hires_width x hires_height)
+        after upscaling with hires_upscaler ("Latent", "Latent (bicubic)", "Latent (nearest)",
+        "Latent (nearest-exact)", "Lanczos"), with hires_steps (0 = steps), hires_denoising, and optional
+        hires_sampler / hires_scheduler / hires_prompt / hires_negative_prompt.
+        tiling: True/"xy", "x" or "y" makes the image tile seamlessly (circular padding); tiled_vae: True
+        decodes/encodes in tiles (None: automatically for large images).
         """
         m = self.manifest
-        width, height = _check_size(width or m.native_size, height or m.native_size, m.vae_scale_factor)
+        init = self._init_plan(init_image, mask, width, height, resize_mode, mask_blur, inpainting_mask_invert,
+                               inpaint_full_res, inpaint_full_res_padding, inpainting_fill, strength)
+        width, height = _check_size(init.width if init else (width or m.native_size),
+                                    init.height if init else (height or m.native_size), m.vae_scale_factor)
         resolved = resolve(sampler, scheduler)
         _check_sampler_options(resolved.sampler, sampler_options)
         steps = _positive_int("steps", steps)
@@ -173,7 +235,12 @@ class Pipeline:
             if latents.shape != (batch_size, *shape):
                 raise ValueError(f"latents have shape {latents.shape}; expected {(batch_size, *shape)} "
                                  f"for batch size {batch_size} at {width}x{height}")
-        sigmas = build_sigmas(resolved, steps, self.model_sigmas, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        hr = _hires_plan(width, height, hires_scale, hires_width, hires_height, hires_upscaler,
+                         hires_steps or steps, hires_denoising, m.vae_scale_factor, bool(hires_steps)) if hires else None
+        self._set_tiling(tiling)
+        sigma_overrides = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        sigmas = _img2img_sigmas(build_sigmas(resolved, steps, self.model_sigmas, **sigma_overrides),
+                                 init.strength if init else None)
         variation = subseed_strength > 0
         subseed = (random.randint(0, MAX_SEED) if subseed is None or int(subseed) == -1 else int(subseed)) if variation else None
         # --- conditioning start (prompt language: issue 4)
@@ -181,43 +248,175 @@ class Pipeline:
         lora_hashes = self.set_loras(lora_requests(networks))  # LoRA hook: before the text encoder runs
         conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, steps, clip_skip, emphasis,
                                                           guidance=cfg_scale != 1.0)
+        hr_conditioning = self._hires_conditioning(hr, hires_prompt, hires_negative_prompt, prompt, negative_prompt,
+                                                   conditioning, clip_skip, emphasis, cfg_scale)
         # --- conditioning end
-        denoise_args = (self._component("unet"), self.model_sigmas, m.prediction_type)
+        self._release("text_encoder")
+        init_latent, image_cond = self._init_latents(init, shape, tiled_vae)
+        self._release("vae_encoder")
         params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
                   "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
+                  "Denoising strength": init.strength if init else (hr.denoising if hr else None),
                   "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng), "Lora hashes": lora_hashes,
                   **prompt_params,
                   "Variation seed strength": subseed_strength if variation else None,
                   "Seed resize from": (seed_resize_from_w, seed_resize_from_h) if seed_resize_from_w > 0 and seed_resize_from_h > 0 else None,
-                  "ENSD": ensd or None, "Schedule max sigma": sigma_max, "Schedule min sigma": sigma_min,
-                  "Schedule rho": rho, **_option_params(resolved, sampler_options), "Version": f"sdonnx {__version__}"}
+                  "ENSD": ensd or None, "Tiling": bool(tiling), "Schedule max sigma": sigma_max,
+                  "Schedule min sigma": sigma_min, "Schedule rho": rho, **(init.params() if init else {}),
+                  **(hr.params(hires_sampler, hires_scheduler, hires_prompt, hires_negative_prompt) if hr else {}),
+                  **_option_params(resolved, sampler_options), "Version": f"sdonnx {__version__}"}
         images, seeds, infotexts, interrupted = [], [], [], False
-        total = steps * batch_count
+        total = (len(sigmas) - 1 + (hr.steps_run if hr else 0)) * batch_count
         for n in range(batch_count):
             batch_seeds = [seed + n * batch_size + j for j in range(batch_size)]
             batch_subseeds = [subseed + n * batch_size + j for j in range(batch_size)] if variation else None
-            image_rng = ImageRNG(shape, batch_seeds, source=rng, subseeds=batch_subseeds,
-                                 subseed_strength=subseed_strength, seed_resize_from_h=seed_resize_from_h,
-                                 seed_resize_from_w=seed_resize_from_w, eta_noise_seed_delta=ensd)
+            rng_args = dict(source=rng, subseeds=batch_subseeds, subseed_strength=subseed_strength,
+                            seed_resize_from_h=seed_resize_from_h, seed_resize_from_w=seed_resize_from_w,
+                            eta_noise_seed_delta=ensd)
+            image_rng = ImageRNG(shape, batch_seeds, **rng_args)
             noise = latents if latents is not None else image_rng.first()
-            x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
-            step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, batch_seeds, image_rng)
-            denoise = cfg_denoiser(*denoise_args, cfg_scale=cfg_scale, cond_at=conditioning.at)
-            on_step = _step_reporter(callback, n * steps, total, preview)
+            on_step = _step_reporter(callback, n * total // batch_count, total, preview)
             try:
-                x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
-                                               **{**resolved.options, **sampler_options})
+                x = self._denoise_pass(resolved, sigmas, noise, init_latent, image_cond, init, conditioning,
+                                       cfg_scale, noise_sampler, image_rng, batch_seeds, on_step, sampler_options)
+                if hr is not None:
+                    x = self._hires_pass(hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides,
+                                         hr_conditioning, cfg_scale, batch_seeds, rng_args, on_step,
+                                         sampler_options, tiled_vae)
             except Interrupted:
                 interrupted, x = True, on_step.last_denoised
             if x is not None:
-                images += self.decode(x)
+                self._release("unet")
+                batch_images = self.decode(x, tiled=tiled_vae)
+                images += [init.finish(im) for im in batch_images] if init else batch_images
                 seeds += batch_seeds
                 infotexts += [format_infotext(prompt, negative_prompt, {**params, **_seed_params(s, j, batch_subseeds)})
                               for j, s in enumerate(batch_seeds)]
             if interrupted:
                 break
+        self._release("vae_decoder", "vae_encoder")
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params,
                                 interrupted=interrupted)
+
+    # ------------------------------------------------------------------ generate's stages
+
+    def _init_plan(self, init_image, mask, width, height, resize_mode, mask_blur, invert, only_masked, padding,
+                   fill, strength):
+        if init_image is None:
+            if mask is not None:
+                raise ValueError("a mask needs an init_image to inpaint")
+            return None
+        return InitPlan.make(init_image, mask, width, height, resize_mode=resize_mode, mask_blur=mask_blur,
+                             invert=invert, only_masked=only_masked, padding=padding, fill=fill,
+                             strength=strength, factor=self.manifest.vae_scale_factor)
+
+    def _init_latents(self, init, shape, tiled_vae):
+        """(init latent [1, C, h, w] or None, inpainting-model image conditioning [1, C+1, h, w] or None)."""
+        m = self.manifest
+        image_cond = None
+        if init is None:
+            if m.is_inpaint:  # txt2img on an inpainting model: everything is to be painted
+                blank = np.zeros((1, 3, shape[1] * m.vae_scale_factor, shape[2] * m.vae_scale_factor), np.float32)
+                image_cond = np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), self._encode(blank, tiled_vae)], 1)
+            return None, image_cond
+        latent = self._encode(init.array, tiled_vae)
+        if init.resize_mode == 3:
+            latent = upscale_latents(latent, shape[1:], "Latent")
+        if m.is_inpaint:
+            repaint = init.latent_mask(shape[1:]) if init.mask is not None else np.ones((1, 1, *shape[1:]), np.float32)
+            masked = init.array * (1.0 - init.pixel_mask()) if init.mask is not None else init.array
+            image_cond = np.concatenate([repaint, self._encode(masked, tiled_vae)], 1)
+        return latent, image_cond
+
+    def _encode(self, images, tiled):
+        if _use_tiles(tiled, images.shape[2:]):
+            from .tiled_vae import encode_tiled
+
+            mean, _ = encode_tiled(self._component("vae_encoder"), images)
+            return mean * self.manifest.vae_scaling_factor
+        return self.encode_images(images)
+
+    def _denoise_pass(self, resolved, sigmas, noise, init_latent, image_cond, init, conditioning, cfg_scale,
+                      noise_sampler, image_rng, seeds, on_step, sampler_options):
+        """One sampling run: initial latent, denoiser with its inpainting hooks, sampler."""
+        m = self.manifest
+        keep = None
+        if init_latent is None:
+            x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
+        else:
+            start = init_latent
+            if init.mask is not None:
+                keep = 1.0 - init.latent_mask(noise.shape[2:])
+                start = init.masked_content(init_latent, keep, noise)
+            x = start + noise * np.float32(sigmas[0])
+        unet = _with_image_cond(self._component("unet"), image_cond)
+        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
+                               cond_at=conditioning.at)
+        if keep is not None:
+            denoise = _blend_known(denoise, init_latent, keep)
+        step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, seeds, image_rng)
+        x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
+                                       **{**resolved.options, **sampler_options})
+        return x if keep is None else init_latent * keep + x * (1.0 - keep)
+
+    def _hires_conditioning(self, hr, hires_prompt, hires_negative, prompt, negative, conditioning, clip_skip,
+                            emphasis, cfg_scale):
+        if hr is None or (not hires_prompt and not hires_negative):
+            return conditioning
+        text, _ = extract_networks(hires_prompt or prompt)
+        return self.encode_prompts(text, hires_negative or negative, hr.steps, clip_skip, emphasis,
+                                   guidance=cfg_scale != 1.0)[0]
+
+    def _hires_pass(self, hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides, conditioning,
+                    cfg_scale, seeds, rng_args, on_step, sampler_options, tiled_vae):
+        """A1111's hires fix second pass: upscale the first pass, then img2img at the target size."""
+        m = self.manifest
+        shape = (m.latent_channels, hr.height // m.vae_scale_factor, hr.width // m.vae_scale_factor)
+        if hr.upscaler.startswith("Latent"):
+            start = upscale_latents(x, shape[1:], hr.upscaler)
+        else:
+            images = [im.resize((hr.width, hr.height), Image.Resampling.LANCZOS) for im in self.decode(x, tiled=tiled_vae)]
+            start = self._encode(np.concatenate([to_array(im) for im in images]), tiled_vae)
+        hr_resolved = resolve(hires_sampler or resolved.sampler, hires_scheduler or resolved.schedule)
+        options = sampler_options if hr_resolved.sampler == resolved.sampler else {}
+        sigmas = _img2img_sigmas(build_sigmas(hr_resolved, hr.steps, self.model_sigmas, **sigma_overrides),
+                                 hr.denoising)
+        noise = ImageRNG(shape, seeds, **rng_args).first()
+        unet = self._component("unet")
+        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
+                               cond_at=conditioning.at)
+        x = start + noise * np.float32(sigmas[0])
+        step_noise = _noise_sampler(hr_resolved, x, sigmas, seeds, ImageRNG(shape, seeds, **rng_args))
+        return SAMPLERS[hr_resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
+                                             **{**hr_resolved.options, **options})
+
+
+def _with_image_cond(unet, image_cond):
+    """An inpainting model's UNet takes [x, mask, masked image latents]; the batch is blocks of B
+    (uncond, conds...), so the conditioning is tiled to match."""
+    if image_cond is None:
+        return unet
+
+    def call(sample, timestep, context):
+        reps = sample.shape[0] // image_cond.shape[0]
+        return unet(np.concatenate([sample, np.tile(image_cond, (reps, 1, 1, 1))], 1), timestep, context)
+
+    return call
+
+
+def _blend_known(denoise, init_latent, keep):
+    """Inpainting with any model: the known region's x0 is the init latent at every step (A1111)."""
+    def call(x, sigma):
+        return init_latent * keep + denoise(x, sigma) * (1.0 - keep)
+
+    return call
+
+
+TILED_VAE_PIXELS = 1536 * 1536  # above this many pixels the VAE runs in tiles unless told otherwise
+
+
+def _use_tiles(tiled, size_hw):
+    return tiled if tiled is not None else size_hw[0] * size_hw[1] > TILED_VAE_PIXELS
 
 
 def _seed_params(seed, index, subseeds):
