@@ -48,6 +48,58 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
+def _image_options(command):
+    """img2img / inpaint / outpaint / hires fix / tiling flags of `generate`."""
+    options = [
+        click.option("--init-image", type=click.Path(), help="img2img: start from this image."),
+        click.option("--strength", "--denoising-strength", "strength", default=0.75, show_default=True, type=float,
+                     help="img2img denoising strength in (0, 1]."),
+        click.option("--resize-mode", type=click.Choice(["0", "1", "2", "3"]), default="0", show_default=True,
+                     help="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale."),
+        click.option("--mask", type=click.Path(), help="Inpainting mask (white = repaint), the init image's size."),
+        click.option("--mask-blur", default=4, show_default=True, type=int),
+        click.option("--inpainting-fill", type=click.Choice(["0", "1", "2", "3"]), default="1", show_default=True,
+                     help="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing."),
+        click.option("--only-masked", "inpaint_full_res", is_flag=True, help="Inpaint area: only the masked part."),
+        click.option("--inpaint-padding", "inpaint_full_res_padding", default=32, show_default=True, type=int),
+        click.option("--invert-mask", "inpainting_mask_invert", is_flag=True),
+        click.option("--outpaint", metavar="L,R,U,D", help="Extend the init image's canvas by these pixels and paint there."),
+        click.option("--hires", is_flag=True, help="Hires fix: a second pass at a larger size."),
+        click.option("--hires-scale", default=2.0, show_default=True, type=float),
+        click.option("--hires-width", default=0, type=int),
+        click.option("--hires-height", default=0, type=int),
+        click.option("--hires-upscaler", default="Latent", show_default=True,
+                     help="Latent, Latent (bicubic), Latent (nearest), Latent (nearest-exact) or Lanczos."),
+        click.option("--hires-steps", default=0, type=int, help="0: as many as --steps."),
+        click.option("--hires-denoising", default=0.7, show_default=True, type=float),
+        click.option("--hires-sampler", default=None),
+        click.option("--hires-prompt", default=None),
+        click.option("--tiling", type=click.Choice(["xy", "x", "y"]), default=None, help="Seamless tiling."),
+        click.option("--tiled-vae/--no-tiled-vae", default=None, help="VAE in tiles [default: for large images]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _image_args(opts):
+    """CLI flags -> generate keywords; the outpaint canvas and mask are made here from the init image."""
+    args = {k: v for k, v in opts.items() if k != "outpaint"}
+    args["resize_mode"], args["inpainting_fill"] = int(args["resize_mode"]), int(args["inpainting_fill"])
+    if opts.get("outpaint"):
+        from .img2img import load_image, outpaint_canvas
+
+        if not opts.get("init_image"):
+            raise ValueError("--outpaint needs --init-image")
+        try:
+            left, right, up, down = (int(v) for v in opts["outpaint"].split(","))
+        except ValueError:
+            raise ValueError(f"--outpaint {opts['outpaint']!r}: give four pixel counts L,R,U,D") from None
+        args["init_image"], args["mask"] = outpaint_canvas(load_image(opts["init_image"]), left, right, up, down)
+        args["strength"] = opts["strength"] if opts["strength"] != 0.75 else 1.0
+    return args
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="sdonnx")
@@ -97,17 +149,21 @@ def convert(source, outdir, force, family, prediction, dtype):
 @click.option("--device-id", default=0, show_default=True, type=int)
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--lowmem", is_flag=True, help="Create each stage's session when needed and free it after "
+              "(less memory, slower; A1111's --medvram idea).")
+@_image_options
 def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
-             batch_size, batch_count, clip_skip, rng, provider, device_id, lora_dir, outdir):
+             batch_size, batch_count, clip_skip, rng, provider, device_id, lora_dir, outdir, lowmem, **image_opts):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
     from .image import save_png
     from .pipeline import Pipeline
 
     try:
-        pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir)
+        pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem)
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
                     sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
-                    batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng)
+                    batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng,
+                    **_image_args(image_opts))
         with _Progress("sampling") as progress:
             result = pipe.generate(**args, callback=progress.update)
         for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
