@@ -143,6 +143,10 @@ def convert(source, outdir, force, family, prediction, dtype):
 @click.option("--batch-size", default=1, show_default=True, type=int)
 @click.option("--batch-count", default=1, show_default=True, type=int)
 @click.option("--clip-skip", default=1, show_default=True, type=int)
+@click.option("--emphasis", type=click.Choice(["Original", "No norm", "Ignore", "None"]), default="Original",
+              show_default=True, help="How (word:1.2) weights apply (A1111's emphasis modes).")
+@click.option("--embeddings-dir", type=click.Path(file_okay=False),
+              help="Folder of textual inversion embeddings [default: models/embeddings].")
 @click.option("--rng", type=click.Choice(["nv", "cpu"]), default="nv", show_default=True,
               help="Random number source: nv reproduces A1111's GPU seeds, cpu its CPU seeds.")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
@@ -153,17 +157,19 @@ def convert(source, outdir, force, family, prediction, dtype):
               "(less memory, slower; A1111's --medvram idea).")
 @_image_options
 def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
-             batch_size, batch_count, clip_skip, rng, provider, device_id, lora_dir, outdir, lowmem, **image_opts):
+             batch_size, batch_count, clip_skip, emphasis, embeddings_dir, rng, provider, device_id, lora_dir, outdir,
+             lowmem, **image_opts):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
     from .image import save_png
     from .pipeline import Pipeline
 
     try:
-        pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem)
+        pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
+                             embeddings_dir=embeddings_dir)
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
                     sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
                     batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng,
-                    **_image_args(image_opts))
+                    emphasis=emphasis, **_image_args(image_opts))
         with _Progress("sampling") as progress:
             result = pipe.generate(**args, callback=progress.update)
         for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
