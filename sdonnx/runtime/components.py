@@ -7,9 +7,9 @@ from .session import Session
 
 
 class _Component:
-    def __init__(self, folder, manifest, name, plan, replacements=None):
+    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None):
         spec = manifest.components[name]
-        self.session = Session(Path(folder) / spec.path, plan, name=name, replacements=replacements)
+        self.session = Session(Path(folder) / spec.path, plan, name=name, replacements=replacements, tiling=tiling)
         self.manifest = manifest
 
 

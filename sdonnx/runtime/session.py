@@ -27,9 +27,10 @@ def session_options(plan):
 class Session:
     """run(feeds) -> {output name: array}, for one ONNX graph of a model folder."""
 
-    def __init__(self, path, plan, name=None, replacements=None):
+    def __init__(self, path, plan, name=None, replacements=None, tiling=None):
         """replacements: {initializer name: array} used instead of the graph's own values (run-time LoRA);
-        each must keep the initializer's shape and dtype."""
+        each must keep the initializer's shape and dtype. tiling: "x", "y", "xy" or None: convolutions pad
+        by wrapping around on those axes (seamless tiling; runtime/tiling.py)."""
         import onnxruntime as ort
 
         self.name = name or Path(path).parent.name
@@ -39,7 +40,14 @@ class Session:
                               for n, a in (replacements or {}).items()]
         if self._replacements:
             options.add_external_initializers([n for n, _ in self._replacements], [v for _, v in self._replacements])
-        self._session = ort.InferenceSession(str(path), sess_options=options, providers=plan.providers)
+        source = str(path)
+        if tiling:
+            from .tiling import tiled_model
+
+            source, config = tiled_model(path, tiling)
+            for key, value in config.items():
+                options.add_session_config_entry(key, value)
+        self._session = ort.InferenceSession(source, sess_options=options, providers=plan.providers)
         self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in self._session.get_inputs()}
         self.output_names = [o.name for o in self._session.get_outputs()]
 
