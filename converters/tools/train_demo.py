@@ -45,6 +45,7 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "yello
            "white": (255, 255, 255), "black": (0, 0, 0)}
 SHAPES = ("circle", "square", "triangle")
 SIZE = 64
+STAGES = ("vae", "unet", "export")
 SCALING_FACTOR = 0.18215
 # (template, probability): mostly full captions, 10% empty for classifier-free guidance.
 CAPTIONS = (("a {c} {s} on a {b} background", 0.70), ("a {c} {s}", 0.06), ("{c} {s}", 0.06), ("{c}", 0.03),
@@ -126,63 +127,64 @@ def alphas_cumprod():
     return torch.cumprod(1 - betas, 0).float()
 
 
+# --- latent space ---------------------------------------------------------------------------------------
+
+def target_latents(images):
+    """The latent space, defined by hand, already multiplied by SCALING_FACTOR: [N, 4, 8, 8].
+
+    Per 8x8 pixel patch: mean R, G, B and the vertical first moment of R+G+B (where in the patch the
+    bright part lies), each standardized over the dataset. Defining it (rather than learning it end to
+    end) lets the UNet train without waiting for the VAE, and the VAE train as two plain regressions.
+    """
+    patches = images.unfold(2, 8, 8).unfold(3, 8, 8)  # [N, 3, 8, 8, 8 (y), 8 (x)]
+    y = torch.linspace(-1, 1, 8).view(8, 1)
+    moment = (patches.sum(1) * y).mean(dim=(-2, -1))[:, None]
+    z = torch.cat([patches.mean(dim=(-2, -1)), moment], 1)
+    return (z - z.mean(dim=(0, 2, 3), keepdim=True)) / z.std(dim=(0, 2, 3), keepdim=True)
+
+
 # --- stage 2: VAE --------------------------------------------------------------------------------------
 
-def train_vae(vae, images, steps, batch, lr, seed):
+def _crops(images, latents, g, batch, cells=4):
+    """Aligned random crops: `cells` x `cells` latents and the 8x larger image region they describe."""
+    index = torch.randint(0, len(images), (batch,), generator=g)
+    y, x = torch.randint(0, SIZE // 8 - cells + 1, (2,), generator=g).tolist()
+    return (images[index, :, 8 * y:8 * (y + cells), 8 * x:8 * (x + cells)],
+            latents[index, :, y:y + cells, x:x + cells])
+
+
+def _cosine(opt, lr, step, steps):
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def train_vae(vae, images, latents, steps, batch, lr, seed):
+    """Decoder: target latents (slightly noised, as a sampler leaves them) -> image; encoder: image ->
+    target latents, near-deterministic (log-variance fixed at -8). Trained on aligned 32x32 crops."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # start near-deterministic: unit posterior noise would drown the young encoder's signal
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels:] = 0
         vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+        vae.quant_conv.weight[:vae.config.latent_channels] /= SCALING_FACTOR  # the encoder makes latents / SCALING_FACTOR
+        vae.post_quant_conv.weight *= SCALING_FACTOR  # and the decoder is fed them
+    # the log-variance rows get no gradient (the loss reads the mean only), so Adam leaves them at -8
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     vae.train()
     start = time.time()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        index = torch.randint(0, len(images), (batch,), generator=g)
-        y, x = torch.randint(0, SIZE // 2 + 1, (2,), generator=g).tolist()
-        crop = images[index, :, y:y + SIZE // 2, x:x + SIZE // 2]
-        posterior = vae.encode(crop).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = F.mse_loss(rec, crop) + 0.5 * F.l1_loss(rec, crop) + 1e-5 * kl
+        _cosine(opt, lr, step, steps)
+        image, z = _crops(images, latents, g, batch)
+        rec = vae.decode((z + 0.05 * torch.randn(z.shape, generator=g)) / SCALING_FACTOR).sample
+        mean = vae.quant_conv(vae.encoder(image))[:, :vae.config.latent_channels] * SCALING_FACTOR
+        decoder_loss = F.mse_loss(rec, image) + 0.5 * F.l1_loss(rec, image)
+        loss = decoder_loss + F.mse_loss(mean, z)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log.info("vae step %d/%d loss %.4f kl %.1f (%.0f s)", step, steps, loss.item(), kl.item(), time.time() - start)
+            log.info("vae step %d/%d decoder %.4f encoder %.4f (%.0f s)", step, steps, decoder_loss.item(),
+                     (loss - decoder_loss).item(), time.time() - start)
     return vae.eval()
-
-
-@torch.no_grad()
-def normalize_latents(vae, images):
-    """Fold a per-channel shift and scale into quant_conv / post_quant_conv (an exact
-    reparametrization) so that the latent mean x SCALING_FACTOR has zero mean and unit variance."""
-    mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
-    m = mean.mean(dim=(0, 2, 3))
-    k = 1 / (SCALING_FACTOR * mean.std(dim=(0, 2, 3)))
-    channels = len(m)
-    qc, pqc = vae.quant_conv, vae.post_quant_conv
-    # quant_conv rows 0..C-1 are the mean, C..2C-1 the log-variance: z' = k (z - m), logvar' = logvar + 2 log k
-    qc.weight[:channels] *= k[:, None, None, None]
-    qc.bias[:channels] = k * (qc.bias[:channels] - m)
-    qc.bias[channels:] += 2 * torch.log(k)
-    # post_quant_conv sees z = z' / k + m
-    pqc.bias += (pqc.weight[:, :, 0, 0] * m).sum(1)
-    pqc.weight /= k[None, :, None, None]
-    log.info("latent per-channel mean %s, scale folded %s", m.tolist(), k.tolist())
-    return vae
-
-
-@torch.no_grad()
-def encode(vae, images):
-    """Latent mean and std, already multiplied by SCALING_FACTOR: [N, 4, 8, 8] each."""
-    means, stds = [], []
-    for chunk in images.split(64):
-        d = vae.encode(chunk).latent_dist
-        means.append(d.mean * SCALING_FACTOR)
-        stds.append(d.std * SCALING_FACTOR)
-    return torch.cat(means), torch.cat(stds)
 
 
 # --- stage 3: UNet + text encoder ----------------------------------------------------------------------
@@ -209,7 +211,6 @@ class EMA:
 
 
 def train_unet(unet, text_encoder, latents, labels, ids, steps, batch, lr, seed, partial=None):
-    mean, std = latents
     g = torch.Generator().manual_seed(seed)
     acp = alphas_cumprod()
     snr = acp / (1 - acp)
@@ -225,7 +226,7 @@ def train_unet(unet, text_encoder, latents, labels, ids, steps, batch, lr, seed,
         for group in opt.param_groups:
             group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         index = torch.randint(0, len(labels), (batch,), generator=g)
-        x0 = mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)
+        x0 = latents[index]
         template = torch.multinomial(weights, batch, replacement=True, generator=g)
         context = text_encoder(ids[labels[index], template]).last_hidden_state
         t = torch.randint(0, 1000, (batch,), generator=g)
@@ -270,11 +271,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="Stage results (resumable).")
     parser.add_argument("--out", type=Path, required=True, help="Single-file .safetensors to write.")
+    parser.add_argument("--stage", choices=STAGES, action="append",
+                        help="Run only this stage (repeatable; vae and unet are independent and may run at the "
+                             "same time in two processes). Default: all, in order.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", type=int, default=24, help="Images per combination.")
-    parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--from-partial", action="store_true", help="Export the last EMA snapshot of a running UNet stage.")
     args = parser.parse_args(argv)
@@ -282,28 +286,27 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    stages = args.stage or STAGES
 
     images, labels = make_dataset(args.variants, args.seed)
+    latents = target_latents(images)
     text_encoder, unet, vae = make_models()
     vae_path = args.workdir / "vae.pt"
-    if vae_path.exists():
-        vae.load_state_dict(torch.load(vae_path))
-    else:
-        vae = normalize_latents(train_vae(vae, images, args.vae_steps, 16, 1e-3, args.seed + 1), images)
+    unet_path = args.workdir / "unet_text.pt"
+    if "vae" in stages and not vae_path.exists():
+        vae = train_vae(vae, images, latents, args.vae_steps, 16, 1e-3, args.seed + 1)
         torch.save(vae.state_dict(), vae_path)
-    vae.eval()
-    unet_path = args.workdir / ("unet_text.partial.pt" if args.from_partial else "unet_text.pt")
-    if unet_path.exists():
-        saved = torch.load(unet_path)
-        unet.load_state_dict(saved["unet"])
-        text_encoder.load_state_dict(saved["text_encoder"])
-    else:
-        latents = encode(vae, images)
+    if "unet" in stages and not unet_path.exists():
         unet, text_encoder = train_unet(unet, text_encoder, latents, labels, caption_ids(tokenizer()),
                                         args.unet_steps, args.batch, 5e-4, args.seed + 2,
                                         partial=args.workdir / "unet_text.partial.pt")
         torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}, unet_path)
-    export(text_encoder.eval(), unet.eval(), vae, args.out)
+    if "export" in stages:
+        vae.load_state_dict(torch.load(vae_path))
+        saved = torch.load(args.workdir / "unet_text.partial.pt" if args.from_partial else unet_path)
+        unet.load_state_dict(saved["unet"])
+        text_encoder.load_state_dict(saved["text_encoder"])
+        export(text_encoder.eval(), unet.eval(), vae.eval(), args.out)
 
 
 if __name__ == "__main__":
