@@ -151,13 +151,15 @@ def tiled_model(path, tiling):
     source is the cached sibling file's path, or the rewritten graph as bytes when the model folder is not
     writable; session config then names the folder of the external weights.
     """
-    import onnx
-
     axes = tiling_axes(tiling)
     path = Path(path)
     target = tiled_path(path, axes)
     if target.exists() and target.stat().st_mtime_ns >= path.stat().st_mtime_ns:
         return str(target), {}
+    try:
+        import onnx
+    except ImportError as e:
+        raise RuntimeError("tiling rewrites the ONNX graph and needs the onnx package: pip install onnx") from e
     model = wrap_padding(onnx.load(str(path), load_external_data=False), axes)
     try:
         _write_atomic(model, target)
