@@ -43,13 +43,20 @@ class Loaded:
 
 
 def convert(source, outdir, *, force=False, family=None, prediction=None, dtype="fp32", tolerance=None,
-            progress=None):
-    """Convert `source` into `outdir`; returns the Manifest. `progress(message)` reports each stage."""
+            progress=None, optimize=None, quantize=None):
+    """Convert `source` into `outdir`; returns the Manifest. `progress(message)` reports each stage.
+
+    optimize: None or the target provider kind ("cpu"/"gpu") of ONNX Runtime's fusions; dtype "fp16"
+    and quantize "int8" likewise write a derived graph beside each fp32 base graph (converters/optimize.py)."""
+    from .optimize import OptimizeError, Plan
+
     report = progress or (lambda message: log.info(message))
     if dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    if dtype == "fp16":
-        raise ConvertError("--dtype fp16 is not available yet (it comes with the performance work); use fp32")
+    try:
+        plan = Plan(optimize=optimize, dtype=dtype, quantize=quantize)
+    except OptimizeError as e:
+        raise ConvertError(str(e)) from e
     if family is not None and family not in FAMILIES:
         raise ConvertError(f"family {family!r} is not supported; choose one of {', '.join(FAMILIES)}")
     if prediction is not None and prediction not in PREDICTIONS:
@@ -64,7 +71,7 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
     outdir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
     try:
-        manifest = _build(loaded, staging, tolerance or DEFAULT_TOLERANCE[dtype], report)
+        manifest = _build(loaded, staging, tolerance or DEFAULT_TOLERANCE["fp32"], report, plan)
         _publishable(staging)
         _replace_folder(staging, outdir)
     except BaseException:
@@ -74,9 +81,10 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
     return manifest
 
 
-def _build(loaded, staging, tolerance, report):
+def _build(loaded, staging, tolerance, report, plan=None):
     from .components import component_specs
     from .export import export_component, parity_check, weight_map
+    from .optimize import Plan, derive_checked
 
     components = {}
     for spec in component_specs(loaded.text_encoder, loaded.unet, loaded.vae):
@@ -84,14 +92,15 @@ def _build(loaded, staging, tolerance, report):
         path = export_component(spec, staging)
         report(f"checking {spec.name} against torch")
         err = parity_check(spec, path, tolerance)
+        derived = derive_checked(spec, path, plan or Plan(), staging, tolerance, report)
         c = spec.contract
         components[spec.name] = Component(
             path=str(path.relative_to(staging)), inputs={k: list(v) for k, v in c.inputs.items()},
             outputs={k: list(v) for k, v in c.outputs.items()}, input_dtypes=dict(c.input_dtypes),
             weights={_canonical_weight_name(spec.weight_namespace, k): v for k, v in weight_map(spec, path).items()},
-            parity_max_abs_err=err)
+            parity_max_abs_err=err, **derived)
     text_info = _save_tokenizer(loaded, staging)
-    manifest = _manifest(loaded, components, text_info)
+    manifest = _manifest(loaded, components, text_info, plan or Plan())
     # last: a folder without its manifest is not a model
     (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
@@ -132,7 +141,7 @@ def _save_tokenizer(loaded, staging):
         bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
 
 
-def _manifest(loaded, components, text_info):
+def _manifest(loaded, components, text_info, plan):
     import diffusers
     import torch
     import transformers
@@ -148,7 +157,8 @@ def _manifest(loaded, components, text_info):
         vae_scaling_factor=float(vae.scaling_factor), sample_size=int(unet.sample_size),
         model_hash=loaded.model_hash, source=loaded.source,
         converter={"sdonnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                   "transformers": transformers.__version__, "dtype": "fp32", "tolerance_rel": None})
+                   "transformers": transformers.__version__, "dtype": plan.dtype, "optimize": plan.optimize,
+                   "quantize": plan.quantize, "tolerance_rel": None})
 
 
 def _replace_folder(staging, outdir):

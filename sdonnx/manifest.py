@@ -54,6 +54,14 @@ class Component:
     dtype: str = "fp32"
     weights: dict = field(default_factory=dict)  # checkpoint (diffusers) weight name -> ONNX initializer
     parity_max_abs_err: float | None = None
+    # a faster graph derived from `path` (fused, fp16 or int8: converters/optimize.py), run when no LoRA is
+    # active; `path` stays the fp32 graph that `weights` names (LoRA merges, the fp16 VAE's fp32 fallback)
+    optimized_path: str | None = None
+    optimized: dict = field(default_factory=dict)  # target, dtype, quantize, fused op counts, parity error
+
+    @property
+    def optimized_dtype(self):
+        return self.optimized.get("dtype", self.dtype) if self.optimized_path else self.dtype
 
 
 @dataclass

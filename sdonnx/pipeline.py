@@ -22,7 +22,7 @@ from .img2img import InitPlan, hires_plan as _hires_plan, img2img_sigmas as _img
 from .infotext import format_infotext
 from .manifest import load_manifest
 from .prompt import extract_networks
-from .prompt.conditioning import PromptEncoder, check_emphasis, encode_prompt
+from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
 from .samplers import SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
@@ -72,8 +72,9 @@ class Pipeline:
         self._lora_keys = {}  # component -> cache key of the active LoRA set
         self._lora_replacements = {}  # component -> {initializer: merged array} of the active set
         self._tiling = None
-        info = manifest.text_encoders[0]
-        self.tokenizer = ClipTokenizer.from_model(self.folder, info)
+        self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
+        self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
+        self.tokenizer = self.tokenizers[manifest.text_encoders[0].component]
         # textual inversion: a folder the user names must exist; the default one may be absent
         self.embeddings = EmbeddingDatabase(embeddings_dir or DEFAULT_EMBEDDINGS_DIR, self.tokenizer,
                                             required=embeddings_dir is not None)
@@ -97,15 +98,19 @@ class Pipeline:
     def providers(self):
         return list(self.plan.names)
 
-    def _component(self, name):
-        """The session facade for `name` with the active LoRA set and tiling, created on first use."""
+    def _component(self, name, base=False):
+        """The session facade for `name` with the active LoRA set and tiling, created on first use.
+        base: the fp32 base graph even where the model has a derived (optimized, fp16, int8) one."""
         tiling = self._tiling if name in TILEABLE else None
-        key = (name, self._lora_keys.get(name), tiling)
+        key = (name, self._lora_keys.get(name), tiling) + (("base",) if base else ())
         if key not in self._components:
-            kind = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+            kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
+                    "vae_encoder": VaeEncoder}
             options = {"replacements": self._lora_replacements[name]} if key[1] is not None else {}
             if tiling:
                 options["tiling"] = tiling
+            if base:
+                options["base"] = True
             # one LoRA variant per component is kept beside the base: drop the others
             for old in [k for k in self._components if k[0] == name and k[1] is not None and k != key]:
                 del self._components[old]
@@ -140,23 +145,48 @@ class Pipeline:
         """Prompt and negative prompt (A1111 prompt language, extra-network tags already taken out) ->
         (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis)."""
         self.embeddings.refresh()
-        encoder = PromptEncoder(self.tokenizer, self._component("text_encoder"), self.embeddings,
-                                clip_skip=clip_skip, emphasis=check_emphasis(emphasis))
+        m = self.manifest
+        # textual inversion: one-encoder models only for now (SDXL files hold clip_l / clip_g parts)
+        embeddings = self.embeddings if len(m.text_encoders) == 1 else None
+        encoders = [PromptEncoder(self.tokenizers[t.component], self._component(t.component), embeddings,
+                                  clip_skip=clip_skip, emphasis=check_emphasis(emphasis), pooled=t.pooled is not None)
+                    for t in m.text_encoders]
+        # a UNet with added conditions takes entries that carry the pooled output (and later the time ids)
+        encoder = JointPromptEncoder(encoders, m.force_zeros_for_empty_prompt) if m.has_added_conditions else encoders[0]
         conditioning = encode_prompt(encoder, prompt, negative_prompt, steps, guidance=guidance)
         hashes = {name.replace(":", "").replace(",", ""): e.shorthash for name, e in encoder.used.items()}
         emphasized = emphasis != "Original" and any(c in prompt + negative_prompt for c in "([")
         return conditioning, {"TI hashes": hashes or None, "Emphasis": emphasis if emphasized else None}
+
+    def with_time_ids(self, conditioning, width, height, crop=(0, 0), aesthetic_score=6.0,
+                      negative_aesthetic_score=2.5):
+        """Conditioning plus the UNet's time ids, as A1111 sends them: original size = target size = the
+        image size (h, w), crop (top, left); the refiner's aesthetic score instead of the target size (the
+        negative prompt gets the low one). Unchanged for models without added conditions."""
+        m = self.manifest
+        if not m.has_added_conditions:
+            return conditioning
+        size = [float(height), float(width)]
+        ids = lambda last: {"time_ids": np.array(size + list(map(float, crop)) + last, np.float32)}  # noqa: E731
+        if m.requires_aesthetics_score:
+            return conditioning.with_added(ids([float(aesthetic_score)]), ids([float(negative_aesthetic_score)]))
+        return conditioning.with_added(ids(size))
 
     def decode(self, latents, tiled=None):
         """latents: [B, C, h, w] in the sampler's scale -> PIL images (in tiles when tiled, or when None
         and the image is large)."""
         latents = latents / self.manifest.vae_scaling_factor
         f = self.manifest.vae_scale_factor
-        if _use_tiles(tiled, (latents.shape[2] * f, latents.shape[3] * f)):
-            from .tiled_vae import decode_tiled
-
-            return latents_to_images(decode_tiled(self._component("vae_decoder"), latents))
-        return latents_to_images(self._component("vae_decoder")(latents))
+        tiles = _use_tiles(tiled, (latents.shape[2] * f, latents.shape[3] * f))
+        decoder = self._component("vae_decoder", base=self._vae_overflowed)
+        images = _vae_decode(decoder, latents, tiles)
+        if not np.isfinite(images).all() and not decoder.is_base:
+            # fp16 activations past 65504 turn into Inf, then NaN after a norm: A1111's --no-half-vae, by itself
+            log.warning("the %s VAE decoder overflowed (NaN/Inf in the image); decoding with the fp32 one from now on",
+                        self.manifest.components["vae_decoder"].optimized.get("dtype", "optimized"))
+            self._vae_overflowed = True
+            images = _vae_decode(self._component("vae_decoder", base=True), latents, tiles)
+        return latents_to_images(images)
 
     def encode_images(self, images):
         """images: [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] in the sampler's scale.
@@ -184,7 +214,7 @@ class Pipeline:
                  hires=False, hires_scale=2.0, hires_width=0, hires_height=0, hires_upscaler="Latent",
                  hires_steps=0, hires_denoising=0.7, hires_sampler=None, hires_scheduler=None,
                  hires_prompt=None, hires_negative_prompt=None, tiling=None, tiled_vae=None,
-                 **sampler_options):
+                 crop_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5, **sampler_options):
         """txt2img, img2img and inpainting (with init_image / mask), with optional hires fix.
 
         Returns GenerationResult(images, seeds, infotexts).
@@ -217,6 +247,8 @@ class Pipeline:
         hires_sampler / hires_scheduler / hires_prompt / hires_negative_prompt.
         tiling: True/"xy", "x" or "y" makes the image tile seamlessly (circular padding); tiled_vae: True
         decodes/encodes in tiles (None: automatically for large images).
+        SDXL (models whose UNet takes time ids): crop_top_left (top, left) goes into the time ids beside the
+        image size; the refiner's aesthetic_score / negative_aesthetic_score (A1111's 6.0 / 2.5).
         """
         m = self.manifest
         init = self._init_plan(init_image, mask, width, height, resize_mode, mask_blur, inpainting_mask_invert,
@@ -250,6 +282,10 @@ class Pipeline:
                                                           guidance=cfg_scale != 1.0)
         hr_conditioning = self._hires_conditioning(hr, hires_prompt, hires_negative_prompt, prompt, negative_prompt,
                                                    conditioning, clip_skip, emphasis, cfg_scale)
+        added = dict(crop=crop_top_left, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+        conditioning = self.with_time_ids(conditioning, width, height, **added)
+        if hr is not None:  # A1111 conditions the second pass on the hires size
+            hr_conditioning = self.with_time_ids(hr_conditioning, hr.width, hr.height, **added)
         # --- conditioning end
         self._release("text_encoder")
         init_latent, image_cond = self._init_latents(init, shape, tiled_vae)
@@ -391,15 +427,24 @@ class Pipeline:
                                              **{**hr_resolved.options, **options})
 
 
+def _vae_decode(decoder, latents, tiles):
+    """latents: [B, C, h, w] (unscaled) -> images [B, 3, H, W] in [-1, 1], in tiles or whole."""
+    if tiles:
+        from .tiled_vae import decode_tiled
+
+        return decode_tiled(decoder, latents)
+    return decoder(latents)
+
+
 def _with_image_cond(unet, image_cond):
     """An inpainting model's UNet takes [x, mask, masked image latents]; the batch is blocks of B
     (uncond, conds...), so the conditioning is tiled to match."""
     if image_cond is None:
         return unet
 
-    def call(sample, timestep, context):
+    def call(sample, timestep, context, **added):
         reps = sample.shape[0] // image_cond.shape[0]
-        return unet(np.concatenate([sample, np.tile(image_cond, (reps, 1, 1, 1))], 1), timestep, context)
+        return unet(np.concatenate([sample, np.tile(image_cond, (reps, 1, 1, 1))], 1), timestep, context, **added)
 
     return call
 

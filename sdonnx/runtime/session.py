@@ -1,5 +1,6 @@
 """One wrapper around onnxruntime.InferenceSession: feeds validated, dtypes cast, outputs as float32."""
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,30 @@ _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "te
                  "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
 
+def physical_cores():
+    """Physical cores of this machine (hyper-threads share one core's FMA units: no gain for GEMMs)."""
+    cores, package = set(), None
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "physical id":
+                    package = value
+                elif key == "core id":
+                    cores.add((package, value))
+    except OSError:
+        pass
+    return len(cores) or max(1, (os.cpu_count() or 2) // 2)
+
+
 def session_options(plan):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # one intra-op thread per physical core (SDONNX_THREADS overrides); inter-op stays 1: the graphs are
+    # chains of big ops, not parallel branches
+    options.intra_op_num_threads = int(os.environ.get("SDONNX_THREADS") or physical_cores())
     if plan.disable_mem_pattern:
         options.enable_mem_pattern = False
     if plan.sequential:
@@ -34,6 +54,7 @@ class Session:
         import onnxruntime as ort
 
         self.name = name or Path(path).parent.name
+        self.path = Path(path)
         options = session_options(plan)
         # ONNX Runtime borrows these buffers for the session's lifetime: keep them referenced
         self._replacements = [(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))

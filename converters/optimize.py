@@ -1,0 +1,208 @@
+"""Derived graphs for speed: ONNX Runtime's transformer fusions, fp16 and int8, written beside the base graph.
+
+The base graph (`<component>/model.onnx`, fp32, initializers named as the checkpoint) stays: the
+manifest's `weights` map refers to it, run-time LoRA merges into it, and an fp16 VAE decoder falls
+back to it when its output overflows. Fusions pack Q/K/V weights into one initializer, so a derived
+graph cannot carry that map; it is run whenever no LoRA is active (`Component.optimized_path`).
+"""
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .export import DATA_FILE, MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "gpu")
+QUANTIZE = ("int8",)
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_decoder": "vae",
+               "vae_encoder": "vae"}
+# fused ops only the CUDA/ROCm/DirectML kernels implement (the CPU EP has MultiHeadAttention, Attention,
+# LayerNormalization, SkipLayerNormalization, QuickGelu/BiasGelu, but no GroupNorm/BiasSplitGelu/NhwcConv)
+GPU_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_bias_add",
+                    "enable_nhwc_conv")
+# packed QKV/KV layouts are what the fp16 GPU kernels are fast at; the CPU kernel wants them separate
+PACKED_FUSIONS = ("enable_packed_qkv", "enable_packed_kv")
+# ops kept in fp32 in fp16 graphs: reductions over many squares/exponentials that leave fp16's range
+# (|x| > 256 squared is past 65504) — the unfused GroupNorm (InstanceNormalization), LayerNorm, softmax
+FP16_OP_BLOCK_LIST = ("InstanceNormalization", "LayerNormalization", "SkipLayerNormalization", "GroupNorm",
+                      "SkipGroupNorm", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Range",
+                      "Resize", "Upsample")
+FP16_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # the VAE encoder (img2img only) stays fp32
+QUANTIZE_COMPONENTS = ("unet",)
+# parity allowances (relative to the output's scale) of derived graphs against torch
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 0.25}
+
+
+class OptimizeError(ValueError):
+    """A derived-graph request that cannot be carried out (bad target, dtype or quantization)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to derive from each base graph. optimize: None or a target ("cpu"/"gpu")."""
+
+    optimize: str | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+
+    def __post_init__(self):
+        if self.optimize is not None and self.optimize not in TARGETS:
+            raise OptimizeError(f"optimize target {self.optimize!r}: choose one of {', '.join(TARGETS)}")
+        if self.dtype not in ("fp32", "fp16"):
+            raise OptimizeError(f"dtype {self.dtype!r}: choose fp32 or fp16")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise OptimizeError(f"quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        if self.quantize and self.dtype == "fp16":
+            raise OptimizeError("int8 quantization is for the CPU fp32 UNet; it does not combine with fp16")
+
+    def applies(self, component):
+        return bool(self.optimize or (self.dtype == "fp16" and component in FP16_COMPONENTS)
+                    or (self.quantize and component in QUANTIZE_COMPONENTS))
+
+    def dtype_of(self, component):
+        return "fp16" if self.dtype == "fp16" and component in FP16_COMPONENTS else "fp32"
+
+    def tolerance(self, component):
+        if self.quantize and component in QUANTIZE_COMPONENTS:
+            return TOLERANCE["int8"]
+        return TOLERANCE[self.dtype_of(component)]
+
+    def describe(self, component):
+        """The manifest's record of what was done to this component's graph."""
+        return {"target": self.optimize, "dtype": self.dtype_of(component),
+                "quantize": self.quantize if component in QUANTIZE_COMPONENTS else None}
+
+
+def derive(base_path, component, plan, num_heads=0):
+    """Write the derived graph of `component` to <component>/optimized/model.onnx; returns its path and the
+    fused-operator counts. num_heads: the attention heads when every block has the same number (SD 1.x),
+    else 0 (diffusers' export reshapes by a computed shape, so the fusion cannot read it off the graph)."""
+    base_path = Path(base_path)
+    model = onnx.load(str(base_path), load_external_data=True)
+    fused = {}
+    if plan.optimize:
+        model, fused = _fuse(model, component, plan.optimize, num_heads)
+    if plan.dtype_of(component) == "fp16":
+        model = _to_fp16(model)
+    target = base_path.parent / "optimized" / MODEL_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if plan.quantize and component in QUANTIZE_COMPONENTS:
+        _quantize_int8(model, target)
+    else:
+        _save(model, target)
+    return target, fused
+
+
+def _save(model, path):
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def fold_weight_transposes(model):
+    """Transpose(initializer) -> a transposed initializer. The export keeps weights unfolded (named for
+    LoRA); the attention fusion wants MatMul weights it can read."""
+    inits = {i.name: i for i in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = np.transpose(numpy_helper.to_array(inits[node.input[0]]), perm)
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
+def fusion_options(component, target):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(MODEL_TYPES[component])
+    off = GPU_ONLY_FUSIONS + PACKED_FUSIONS if target == "cpu" else PACKED_FUSIONS
+    for name in off:
+        if hasattr(options, name):
+            setattr(options, name, False)
+    return options
+
+
+def _fuse(model, component, target, num_heads):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(
+        fold_weight_transposes(model), model_type=MODEL_TYPES[component], num_heads=num_heads, hidden_size=0,
+        optimization_options=fusion_options(component, target),
+        # 0: the Python fusions only; ONNX Runtime's own level-1..3 passes run at session creation,
+        # where they can use the provider the session really has
+        opt_level=0, use_gpu=target == "gpu")
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    log.info("%s fused: %s", component, fused or "nothing")
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused ops' domain
+    return model, fused
+
+
+def _to_fp16(model):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: the graph's inputs and outputs stay float32, the runtime's API does not change
+    return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_OP_BLOCK_LIST),
+                                    disable_shape_infer=_too_big_for_shape_inference(model))
+
+
+def _too_big_for_shape_inference(model):
+    return sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000
+
+
+def _quantize_int8(model, target):
+    """Dynamic int8 quantization of the MatMuls (weights int8 per channel, activations quantized per call).
+
+    Convolutions stay fp32: ONNX Runtime's dynamic ConvInteger on the CPU is slower than its fp32 conv."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / MODEL_FILE
+        _save(model, source)
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Attention"],
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def attention_heads(spec):
+    """Heads per attention block of the component's torch module when one number fits all, else 0."""
+    config = getattr(getattr(spec.wrapper, "model", None), "config", None)
+    if spec.name.startswith("text_encoder"):
+        return int(getattr(config, "num_attention_heads", 0) or 0)
+    if spec.name.startswith("vae"):
+        return 1  # diffusers' VAE mid-block attention: one head over all channels
+    # diffusers' SD 1.x config calls the head count attention_head_dim; later configs name it properly
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "attention_head_dim", None)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads]
+    return int(heads[0]) if heads[0] and len(set(heads)) == 1 else 0
+
+
+def derive_checked(spec, base_path, plan, staging, tolerance, report):
+    """Derive spec's graph per `plan` and hold it to the convert's parity gate against torch; returns the
+    manifest fields for it ({} when the plan leaves the component as is)."""
+    from .export import parity_check
+
+    if not plan.applies(spec.name):
+        return {}
+    report(f"optimizing {spec.name} ({', '.join(f'{k}={v}' for k, v in plan.describe(spec.name).items() if v)})")
+    path, fused = derive(base_path, spec.name, plan, num_heads=attention_heads(spec))
+    if not fused and plan.describe(spec.name) == {"target": plan.optimize, "dtype": "fp32", "quantize": None}:
+        shutil.rmtree(path.parent)  # nothing fused for this provider: the base graph is as fast
+        report(f"{spec.name}: nothing to fuse for {plan.optimize}; the base graph runs")
+        return {}
+    report(f"checking optimized {spec.name} against torch")
+    err = parity_check(spec, path, max(tolerance, plan.tolerance(spec.name)))
+    return {"optimized_path": str(path.relative_to(staging)),
+            "optimized": {**plan.describe(spec.name), "fused": fused, "parity_max_abs_err": err}}
