@@ -7,9 +7,14 @@ from .session import Session
 
 
 class _Component:
-    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None):
+    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None, base=False):
+        """base: run the fp32 base graph even where a derived (optimized/fp16/int8) one exists; LoRA
+        replacements and tiling always do, as they name and rewrite the base graph's initializers and convs."""
         spec = manifest.components[name]
-        self.session = Session(Path(folder) / spec.path, plan, name=name, replacements=replacements, tiling=tiling)
+        derived = spec.optimized_path and not (base or replacements or tiling)
+        path = Path(folder) / (spec.optimized_path if derived else spec.path)
+        self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling)
+        self.is_base = not derived
         self.manifest = manifest
 
 
