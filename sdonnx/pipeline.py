@@ -457,11 +457,11 @@ def _blend_known(denoise, init_latent, keep):
     return call
 
 
-TILED_VAE_PIXELS = 1536 * 1536  # above this many pixels the VAE runs in tiles unless told otherwise
-
-
 def _use_tiles(tiled, size_hw):
-    return tiled if tiled is not None else size_hw[0] * size_hw[1] > TILED_VAE_PIXELS
+    """The VAE runs in tiles when asked, or (tiled=None) when the image is large."""
+    from .tiled_vae import needs_tiling
+
+    return tiled if tiled is not None else needs_tiling(*size_hw)
 
 
 def _seed_params(seed, index, subseeds):
