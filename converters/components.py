@@ -34,9 +34,15 @@ TEXT_ENCODER = Contract(
         "pooled_output": ("batch", None),
         # every layer's output with the final layer norm applied: clip skip N reads [-N], no re-export
         "hidden_states_normed": (None, "batch", "tokens", None),
+        # every layer's raw output (no final layer norm): SDXL conditions on the penultimate one
+        "hidden_states": (None, "batch", "tokens", None),
     },
     input_dtypes={"input_ids": "int64", "inputs_embeds": "float32"},
 )
+# an encoder with a text projection (OpenCLIP bigG in SDXL) also gives the projected pooled output
+TEXT_ENCODER_PROJECTED = Contract(
+    inputs=TEXT_ENCODER.inputs, outputs={**TEXT_ENCODER.outputs, "text_embeds": ("batch", None)},
+    input_dtypes=TEXT_ENCODER.input_dtypes)
 UNET = Contract(
     inputs={
         "sample": ("batch", None, "height", "width"),
@@ -45,6 +51,12 @@ UNET = Contract(
     },
     outputs={"out_sample": ("batch", None, "height", "width")},
     input_dtypes={"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32"},
+)
+# SDXL's UNet also takes the added "text_time" conditions: pooled text embeddings and the size/crop time ids
+UNET_ADDED = Contract(
+    inputs={**UNET.inputs, "text_embeds": ("batch", None), "time_ids": ("batch", None)},
+    outputs=UNET.outputs,
+    input_dtypes={**UNET.input_dtypes, "text_embeds": "float32", "time_ids": "float32"},
 )
 VAE_DECODER = Contract(
     inputs={"latent_sample": ("batch", None, "latent_height", "latent_width")},
@@ -109,10 +121,14 @@ class TextEncoderExport(torch.nn.Module):
 
     def forward(self, input_ids, inputs_embeds):
         self.given.value = inputs_embeds
-        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
-        norm = _text_core(self.model).final_layer_norm
-        normed = torch.stack([norm(h) for h in out.hidden_states[1:]])
-        return out.last_hidden_state, out.pooler_output, normed
+        core = _text_core(self.model)
+        out = core(input_ids, output_hidden_states=True, return_dict=True)
+        normed = torch.stack([core.final_layer_norm(h) for h in out.hidden_states[1:]])
+        raw = torch.stack(out.hidden_states[1:])
+        projection = getattr(self.model, "text_projection", None)
+        if projection is None:
+            return out.last_hidden_state, out.pooler_output, normed, raw
+        return out.last_hidden_state, out.pooler_output, normed, raw, projection(out.pooler_output)
 
 
 class UNetExport(torch.nn.Module):
@@ -122,6 +138,14 @@ class UNetExport(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class UNetAddedExport(UNetExport):
+    """The UNet with SDXL's added conditions (pooled text embeddings and time ids) as graph inputs."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderExport(torch.nn.Module):
@@ -156,12 +180,29 @@ class ComponentSpec:
     weight_namespace: str  # name of the diffusers component the weights belong to
 
 
-def _unet_example(unet, batch, latent_h, latent_w, tokens, generator):
+def _unet_example(unet, batch, latent_h, latent_w, tokens, generator, pooled_dim=None):
     c = unet.config
     sample = torch.randn(batch, c.in_channels, latent_h, latent_w, generator=generator)
     timestep = torch.rand(batch, generator=generator) * 999
     context = torch.randn(batch, tokens, c.cross_attention_dim, generator=generator)
-    return sample, timestep, context
+    if c.addition_embed_type != "text_time":
+        return sample, timestep, context
+    pooled_dim, time_ids = added_dims(unet, pooled_dim)
+    text_embeds = torch.randn(batch, pooled_dim, generator=generator)
+    ids = torch.randint(0, 1025, (batch, time_ids), generator=generator).float()  # sizes, crops, scores
+    return sample, timestep, context, text_embeds, ids
+
+
+def added_dims(unet, pooled_dim):
+    """(pooled text width, number of time ids) of a "text_time" UNet: its added-embedding input is the
+    pooled text embeddings followed by one sinusoidal embedding per time id (SDXL base: 6 ids, original
+    size, crop and target size; refiner: 5, the aesthetic score instead of the target size)."""
+    c = unet.config
+    n, rest = divmod(c.projection_class_embeddings_input_dim - pooled_dim, c.addition_time_embed_dim)
+    if rest or n < 1:
+        raise ValueError(f"the UNet's added-embedding width {c.projection_class_embeddings_input_dim} is not "
+                         f"pooled text ({pooled_dim}) + k * {c.addition_time_embed_dim}")
+    return pooled_dim, n
 
 
 def unet_odd_size(unet):
@@ -171,28 +212,39 @@ def unet_odd_size(unet):
     return factor * 2 + 1
 
 
-def component_specs(text_encoder, unet, vae, seed=0):
-    """The four graphs sdonnx exports, with example and check inputs drawn from `seed`."""
+def component_specs(text_encoders, unet, vae, seed=0):
+    """The graphs sdonnx exports, with example and check inputs drawn from `seed`.
+
+    text_encoders: {component name: CLIP text model} ("text_encoder", "text_encoder_2"), or one model."""
+    if not isinstance(text_encoders, dict):
+        text_encoders = {"text_encoder": text_encoders}
     g = torch.Generator().manual_seed(seed)
-    vocab = token_embedding(text_encoder).num_embeddings
-    max_len = _text_core(text_encoder).embeddings.position_embedding.num_embeddings
+    max_len = min(_text_core(t).embeddings.position_embedding.num_embeddings for t in text_encoders.values())
     odd = unet_odd_size(unet)
     lat_c = vae.config.latent_channels
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    table = token_embedding(text_encoder).weight.detach()
 
-    def ids(b, t):
-        input_ids = torch.randint(0, vocab, (b, t), generator=g)
-        return input_ids, table[input_ids]
+    def ids(table):
+        def make(b, t):
+            input_ids = torch.randint(0, table.shape[0], (b, t), generator=g)
+            return input_ids, table[input_ids]
+        return make
 
     lat = lambda b, h, w: (torch.randn(b, lat_c, h, w, generator=g),)  # noqa: E731
     img = lambda b, h, w: (torch.rand(b, 3, h, w, generator=g) * 2 - 1,)  # noqa: E731
-    return [
-        ComponentSpec("text_encoder", TextEncoderExport(text_encoder), TEXT_ENCODER, ids(2, max_len),
-                      [ids(1, max_len), ids(3, 9)], "model.", "text_encoder"),
-        ComponentSpec("unet", UNetExport(unet), UNET, _unet_example(unet, 2, odd, odd + 2, max_len, g),
-                      [_unet_example(unet, 2, 8, 8, max_len, g), _unet_example(unet, 1, odd + 4, 6, 2 * max_len, g)],
-                      "model.", "unet"),
+    specs = []
+    for name, model in text_encoders.items():
+        make = ids(token_embedding(model).weight.detach())
+        contract = TEXT_ENCODER_PROJECTED if hasattr(model, "text_projection") else TEXT_ENCODER
+        specs.append(ComponentSpec(name, TextEncoderExport(model), contract, make(2, max_len),
+                                   [make(1, max_len), make(3, 9)], "model.", name))
+    added = unet.config.addition_embed_type == "text_time"
+    pooled = next((t.config.projection_dim for t in text_encoders.values() if hasattr(t, "text_projection")), None)
+    unet_in = lambda *a: _unet_example(unet, *a, g, pooled)  # noqa: E731
+    return specs + [
+        ComponentSpec("unet", (UNetAddedExport if added else UNetExport)(unet), UNET_ADDED if added else UNET,
+                      unet_in(2, odd, odd + 2, max_len),
+                      [unet_in(2, 8, 8, max_len), unet_in(1, odd + 4, 6, 2 * max_len)], "model.", "unet"),
         ComponentSpec("vae_decoder", VaeDecoderExport(vae), VAE_DECODER, lat(1, 5, 7), [lat(2, 8, 8), lat(1, 3, 5)],
                       "model.", "vae"),
         ComponentSpec("vae_encoder", VaeEncoderExport(vae), VAE_ENCODER, img(1, 5 * vae_factor, 7 * vae_factor),

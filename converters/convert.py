@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdonnx.infotext import model_hash
@@ -40,6 +40,17 @@ class Loaded:
     name: str
     model_hash: str | None
     source: dict
+    # SDXL: the second (bigG) encoder, and manifest facts of the family (converters/sdxl.py); the refiner
+    # has no first encoder (text_encoder None)
+    text_encoder_2: object = None
+    tokenizer_2: object = None
+    manifest_extra: dict = field(default_factory=dict)
+
+    def text_encoders(self):
+        """{component name: (model, tokenizer)} of the encoders present."""
+        pairs = {"text_encoder": (self.text_encoder, self.tokenizer),
+                 "text_encoder_2": (self.text_encoder_2, self.tokenizer_2)}
+        return {name: pair for name, pair in pairs.items() if pair[0] is not None}
 
 
 def convert(source, outdir, *, force=False, family=None, prediction=None, dtype="fp32", tolerance=None,
@@ -87,7 +98,8 @@ def _build(loaded, staging, tolerance, report, plan=None):
     from .optimize import Plan, derive_checked
 
     components = {}
-    for spec in component_specs(loaded.text_encoder, loaded.unet, loaded.vae):
+    encoders = loaded.text_encoders()
+    for spec in component_specs({name: model for name, (model, _) in encoders.items()}, loaded.unet, loaded.vae):
         report(f"exporting {spec.name}")
         path = export_component(spec, staging)
         report(f"checking {spec.name} against torch")
@@ -99,7 +111,8 @@ def _build(loaded, staging, tolerance, report, plan=None):
             outputs={k: list(v) for k, v in c.outputs.items()}, input_dtypes=dict(c.input_dtypes),
             weights={_canonical_weight_name(spec.weight_namespace, k): v for k, v in weight_map(spec, path).items()},
             parity_max_abs_err=err, **derived)
-    text_info = _save_tokenizer(loaded, staging)
+    text_info = [_save_tokenizer(name, model, tokenizer, staging, loaded.family)
+                 for name, (model, tokenizer) in encoders.items()]
     manifest = _manifest(loaded, components, text_info, plan or Plan())
     # last: a folder without its manifest is not a model
     (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -109,7 +122,7 @@ def _build(loaded, staging, tolerance, report, plan=None):
 def _canonical_weight_name(namespace, name):
     """diffusers-style names; the text encoder's always under `text_model.` (transformers 5 drops it),
     as LoRA files name them (lora_te_text_model_encoder_...)."""
-    if namespace == "text_encoder" and not name.startswith("text_model."):
+    if namespace.startswith("text_encoder") and not name.startswith(("text_model.", "text_projection.")):
         name = "text_model." + name
     return f"{namespace}.{name}"
 
@@ -124,21 +137,25 @@ def _publishable(folder):
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
-def _save_tokenizer(loaded, staging):
+def _save_tokenizer(name, model, tokenizer, staging, family):
+    """The encoder's token-embedding table and tokenizer beside its graph -> its TextEncoderInfo."""
     from safetensors.torch import save_file
 
     from .components import token_embedding
+    from .sdxl import text_encoder_facts
 
-    table = token_embedding(loaded.text_encoder).weight.detach().float().contiguous()
-    save_file({"weight": table}, str(staging / "text_encoder" / "token_embeddings.safetensors"))
-    (staging / "tokenizer").mkdir()
-    loaded.tokenizer.backend_tokenizer.save(str(staging / "tokenizer" / "tokenizer.json"))
-    tok, te = loaded.tokenizer, loaded.text_encoder.config
+    table = token_embedding(model).weight.detach().float().contiguous()
+    save_file({"weight": table}, str(staging / name / "token_embeddings.safetensors"))
+    folder = name.replace("text_encoder", "tokenizer")  # tokenizer, tokenizer_2 as in diffusers folders
+    (staging / folder).mkdir()
+    tokenizer.backend_tokenizer.save(str(staging / folder / "tokenizer.json"))
+    te = model.config
     return TextEncoderInfo(
-        component="text_encoder", tokenizer="tokenizer/tokenizer.json",
-        token_embeddings="text_encoder/token_embeddings.safetensors", hidden_size=te.hidden_size,
+        component=name, tokenizer=f"{folder}/tokenizer.json",
+        token_embeddings=f"{name}/token_embeddings.safetensors", hidden_size=te.hidden_size,
         num_layers=te.num_hidden_layers, max_length=te.max_position_embeddings,
-        bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        **text_encoder_facts(family, model))
 
 
 def _manifest(loaded, components, text_info, plan):
@@ -151,11 +168,11 @@ def _manifest(loaded, components, text_info, plan):
     unet, vae = loaded.unet.config, loaded.vae.config
     return Manifest(
         name=loaded.name, family=loaded.family, prediction_type=loaded.prediction_type,
-        components=components, text_encoders=[text_info], noise_schedule=loaded.noise_schedule,
+        components=components, text_encoders=text_info, noise_schedule=loaded.noise_schedule,
         latent_channels=vae.latent_channels, unet_in_channels=unet.in_channels,
         vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
         vae_scaling_factor=float(vae.scaling_factor), sample_size=int(unet.sample_size),
-        model_hash=loaded.model_hash, source=loaded.source,
+        model_hash=loaded.model_hash, source=loaded.source, **loaded.manifest_extra,
         converter={"sdonnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                    "transformers": transformers.__version__, "dtype": plan.dtype, "optimize": plan.optimize,
                    "quantize": plan.quantize, "tolerance_rel": None})
@@ -206,8 +223,9 @@ def _download(repo_id):
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, allow_patterns=[
-            "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*",
-            "text_encoder/*.safetensors", "unet/*.safetensors", "vae/*.safetensors"],
+            "model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
+            "text_encoder/*.safetensors", "text_encoder_2/*.safetensors", "unet/*.safetensors",
+            "vae/*.safetensors"],
             ignore_patterns=["*fp16*", "*non_ema*", "*.ckpt", "*.bin"]))
     except Exception as e:  # the hub client raises many kinds (offline mode, DNS, 404, auth)
         raise ConvertError(f"could not download {repo_id!r} from the model hub ({type(e).__name__}: "
@@ -223,9 +241,6 @@ def _scheduler_facts(config):
 
 
 def _family_of_diffusers(unet, text_encoder):
-    if getattr(unet.config, "addition_embed_type", None) is not None:
-        raise ConvertError("this looks like an SDXL model (the UNet takes added text/time embeddings); "
-                           f"supported families: {', '.join(FAMILIES)}")
     return "sd2" if unet.config.use_linear_projection or text_encoder.config.hidden_act == "gelu" else "sd1"
 
 
@@ -235,22 +250,30 @@ def _load_diffusers(path, family, prediction, *, name, source):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizerFast
 
+    from . import sdxl
+
+    extra = {}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
-                                                     attn_implementation="eager")
-        tokenizer = CLIPTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
+        if sdxl.is_sdxl_unet(unet):
+            encoders, zeros = sdxl.load_diffusers_encoders(path)
+            detected = sdxl.family_of(unet, encoders["text_encoder_2"])
+            extra = sdxl.manifest_extra(unet, detected, zeros)
+        else:
+            encoders = {"text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
+                                                                      attn_implementation="eager").eval(),
+                        "tokenizer": CLIPTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)}
+            detected = _family_of_diffusers(unet, encoders["text_encoder"])
     except (OSError, ValueError, KeyError) as e:
         raise ConvertError(f"cannot load the diffusers model in {str(path)!r}: {e}") from e
     sched_path = path / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_path.read_text()) if sched_path.is_file() else {}
-    detected = _family_of_diffusers(unet, text_encoder)
     return Loaded(
-        text_encoder=text_encoder.eval(), unet=unet.eval(), vae=vae.eval(), tokenizer=tokenizer,
+        unet=unet.eval(), vae=vae.eval(), **encoders,
         family=family or detected, prediction_type=prediction or sched.get("prediction_type", "epsilon"),
         noise_schedule=_scheduler_facts(sched), name=name, model_hash=None,
-        source={**source, "detected_family": detected})
+        source={**source, "detected_family": detected}, manifest_extra=extra)
 
 
 def _load_single_file(path, family, prediction):

@@ -9,9 +9,9 @@ from pathlib import Path
 MANIFEST_NAME = "sdonnx.json"
 FORMAT = "sdonnx"
 FORMAT_VERSION = 1
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 PREDICTIONS = ("epsilon", "v_prediction")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 class ManifestError(ValueError):
@@ -41,6 +41,11 @@ class TextEncoderInfo:
     bos_id: int = 49406
     eos_id: int = 49407
     pad_id: int = 49407
+    # which hidden state conditions the UNet: None = the last layer's, final layer norm applied (clip skip N
+    # reads hidden_states_normed[-N]); an index = the raw output hidden_states[index] (SDXL: -2, no final
+    # layer norm; clip skip does not apply, as in A1111)
+    hidden_layer: int | None = None
+    pooled: str | None = None  # graph output whose vector the UNet also takes (SDXL: "text_embeds"), if any
 
 
 @dataclass
@@ -77,6 +82,11 @@ class Manifest:
     vae_scale_factor: int = 8
     vae_scaling_factor: float = 0.18215
     sample_size: int = 64  # latent size the UNet was trained at: native image size = sample_size * vae_scale_factor
+    # SDXL's added UNet conditions: time ids are (h, w) original size, (top, left) crop, then (h, w) target
+    # size, or the aesthetic score instead of the target size when requires_aesthetics_score (the refiner)
+    addition_time_embed_dim: int | None = None
+    requires_aesthetics_score: bool = False
+    force_zeros_for_empty_prompt: bool = False  # an empty negative prompt conditions as zeros (SDXL, A1111 too)
     model_hash: str | None = None
     source: dict = field(default_factory=dict)
     converter: dict = field(default_factory=dict)
@@ -86,6 +96,11 @@ class Manifest:
     @property
     def native_size(self):
         return self.sample_size * self.vae_scale_factor
+
+    @property
+    def has_added_conditions(self):
+        """The UNet takes pooled text embeddings and time ids besides the context (SDXL)."""
+        return "time_ids" in self.components["unet"].inputs
 
     @property
     def is_inpaint(self):
@@ -114,7 +129,8 @@ class Manifest:
             raise ManifestError(f"family {self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
         if self.prediction_type not in PREDICTIONS:
             raise ManifestError(f"prediction type {self.prediction_type!r}: expected one of {', '.join(PREDICTIONS)}")
-        missing = [c for c in ("text_encoder", "unet", "vae_decoder") if c not in self.components]
+        needed = [t.component for t in self.text_encoders] + ["unet", "vae_decoder"]
+        missing = [c for c in needed if c not in self.components]
         if missing:
             raise ManifestError(f"manifest lacks the component(s) {', '.join(missing)}")
 

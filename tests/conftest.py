@@ -40,3 +40,23 @@ def tiny_onnx(tiny_diffusers, tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """kind ("base", "refiner", "inpaint") -> (diffusers folder, torch pipeline, sdonnx model folder)."""
+    tiny = pytest.importorskip("tiny_sdxl")
+    from converters.convert import convert
+
+    cache = {}
+
+    def get(kind="base"):
+        if kind not in cache:
+            folder = tmp_path_factory.mktemp(f"sdxl-{kind}-diffusers")
+            pipe = tiny.save(folder, kind)
+            out = tmp_path_factory.mktemp(f"sdxl-{kind}-onnx") / "model"
+            convert(folder, out)
+            cache[kind] = (folder, pipe, out)
+        return cache[kind]
+
+    return get

@@ -1,7 +1,21 @@
 """The k-diffusion model call `denoise(x, sigma) -> denoised` over an eps or v UNet, with CFG."""
+from typing import NamedTuple
+
 import numpy as np
 
 from .sigmas import sigma_to_t
+
+
+class Cond(NamedTuple):
+    """A conditioning entry that carries the UNet's added inputs beside its context (SDXL)."""
+
+    context: np.ndarray  # [T, D] (or [B, T, D])
+    added: dict  # UNet input name -> [P] per image (or [B, P]): text_embeds, time_ids
+
+
+def context_of(entry):
+    """The context [T, D] of a conditioning entry: a Cond's, or the entry itself (an array)."""
+    return entry.context if isinstance(entry, Cond) else entry
 
 
 def scalings(sigma, prediction_type):
@@ -30,12 +44,12 @@ def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cf
         guided = u is not None and (cfg_scale != 1.0 or len(conds) > 1 or conds[0][1] != 1.0)
         c_skip, c_out, c_in = scalings(float(sigma), prediction_type)
         batch = len(x)
-        contexts = [_per_image(u, batch)] if guided else []
-        contexts += [_per_image(c, batch) for c, _ in conds] if guided else [_per_image(conds[0][0], batch)]
+        entries = [u, *[c for c, _ in conds]] if guided else [conds[0][0]]
+        contexts = [_per_image(context_of(e), batch) for e in entries]
         _same_length(contexts)
         n = len(contexts)
         t = np.full(batch * n, sigma_to_t(float(sigma), model_sigmas), np.float32)
-        out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts))
+        out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts), **_added(entries, batch))
         denoised = x[None] * c_skip + out.reshape(n, *x.shape) * c_out
         if not guided:
             return denoised[0].astype(np.float32)
@@ -47,9 +61,17 @@ def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cf
     return denoise
 
 
-def _per_image(context, batch):
+def _added(entries, batch):
+    """The entries' added UNet inputs batched in the same [uncond, cond_1, ...] order as the contexts."""
+    if not isinstance(entries[0], Cond):
+        return {}
+    return {name: np.concatenate([_per_image(e.added[name], batch, ndim=1) for e in entries])
+            for name in entries[0].added}
+
+
+def _per_image(context, batch, ndim=2):
     context = np.asarray(context, np.float32)
-    return np.broadcast_to(context, (batch, *context.shape)) if context.ndim == 2 else context
+    return np.broadcast_to(context, (batch, *context.shape)) if context.ndim == ndim else context
 
 
 def _same_length(contexts):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..diffusion.denoiser import Cond, context_of
 from .attention import parse_attention
 from .extras import split_and
 from .schedule import schedule
@@ -86,10 +87,12 @@ def tokenize_line(line, tokenizer, embeddings=None, emphasis="Original", backtra
 class PromptEncoder:
     """Texts -> [T, D] conditioning per text, A1111 style. Records the embeddings it used."""
 
-    def __init__(self, tokenizer, text_encoder, embeddings=None, clip_skip=1, emphasis="Original"):
+    def __init__(self, tokenizer, text_encoder, embeddings=None, clip_skip=1, emphasis="Original", pooled=False):
         self.tokenizer, self.text_encoder, self.embeddings = tokenizer, text_encoder, embeddings
         self.clip_skip, self.emphasis = clip_skip, check_emphasis(emphasis)
         self.used = {}  # embedding name -> Embedding, in order of first use
+        # pooled: also keep each text's pooled output, from its first chunk and before emphasis (A1111)
+        self.pooled = {} if pooled else None
         self._empty = None
 
     def empty(self):
@@ -98,7 +101,7 @@ class PromptEncoder:
             self._empty = self.encode_batch([""])[""]
         return self._empty
 
-    def encode_batch(self, texts):
+    def encode_batch(self, texts, negative=False):
         """texts (repeats allowed, as a schedule has them) -> {text: [77 * chunks, D]}.
 
         Texts with fewer chunks are padded with empty chunks; emphasis "Original" restores the mean of
@@ -111,6 +114,10 @@ class PromptEncoder:
         for i in range(max(len(c) for c in per_text)):
             batch = [c[i] if i < len(c) else tokenize_line("", self.tokenizer)[0] for c in per_text]
             z = self._encode_chunks(batch)
+            if self.pooled is not None:
+                z, pooled = z
+                if i == 0:
+                    self.pooled.update(zip(distinct, pooled))
             for row, z_row in zip(out, self._emphasize(z, batch, weights)):
                 row.append(z_row)
         return {t: np.concatenate(rows) for t, rows in zip(distinct, out)}
@@ -128,6 +135,8 @@ class PromptEncoder:
                 n = min(len(embedding.vectors), embeds.shape[1] - offset - 1)
                 embeds[b, offset:offset + n] = embedding.vectors[:n]
                 self.used.setdefault(embedding.name, embedding)
+        if self.pooled is not None:
+            return self.text_encoder(ids, clip_skip=self.clip_skip, inputs_embeds=embeds, pooled=True)
         return self.text_encoder(ids, clip_skip=self.clip_skip, inputs_embeds=embeds)
 
     def _emphasize(self, z, batch, counts):
@@ -145,29 +154,73 @@ def _mean(z, counts):
     return float(np.einsum("b,b->", z.astype(np.float64).mean(axis=(1, 2)), counts) / counts.sum())
 
 
+class JointPromptEncoder:
+    """Several PromptEncoders whose outputs are concatenated on the feature axis, each with its own
+    chunking and emphasis as A1111 runs them (SDXL: CLIP-L then bigG). Texts encode to Cond entries that
+    also carry the pooled output (the UNet's text_embeds) of the encoder that has one.
+
+    zero_empty_negative: an all-empty negative prompt conditions as zeros, context and pooled (SDXL;
+    A1111's force_zero_embeddings, diffusers' force_zeros_for_empty_prompt)."""
+
+    def __init__(self, encoders, zero_empty_negative=False):
+        self.encoders, self.zero_empty_negative = list(encoders), zero_empty_negative
+
+    @property
+    def used(self):
+        return {name: e for encoder in self.encoders for name, e in encoder.used.items()}
+
+    def empty(self):
+        return np.concatenate([e.empty() for e in self.encoders], axis=-1)
+
+    def encode_batch(self, texts, negative=False):
+        per = [e.encode_batch(texts) for e in self.encoders]
+        out = {}
+        for text in per[0]:
+            z = np.concatenate([p[text] for p in per], axis=-1)
+            pooled = {"text_embeds": e.pooled[text] for e in self.encoders if e.pooled is not None}
+            if negative and self.zero_empty_negative and all(t == "" for t in texts):
+                z, pooled = np.zeros_like(z), {k: np.zeros_like(v) for k, v in pooled.items()}
+            out[text] = Cond(z, pooled)
+        return out
+
+
 @dataclass
 class Conditioning:
     """Per-step conditioning: `at(step)` -> (uncond [T, D] or None, [(cond [T, D], weight)]).
 
     `step` counts denoiser calls from 0, as A1111's CFG denoiser does (a Heun step counts twice);
-    an entry (end_step, z) applies while step <= end_step."""
+    an entry (end_step, z) applies while step <= end_step. An entry may be a Cond: the context [T, D]
+    with the UNet's added inputs for it (SDXL's pooled text embeddings and time ids)."""
     parts: list  # [([(end_step, z)], weight)] for the AND parts of the prompt
     uncond: list = None  # [(end_step, z)]
     empty: np.ndarray = None
 
     def at(self, step):
         conds = [(_pick(sched, step), w) for sched, w in self.parts]
-        length = max(z.shape[0] for z, _ in conds)
-        conds = [(_repeat_last(z, length), w) for z, w in conds]
+        length = max(context_of(z).shape[0] for z, _ in conds)
+        conds = [(_on_context(z, lambda c: _repeat_last(c, length)), w) for z, w in conds]
         if self.uncond is None:
             return None, conds
         uncond = _pick(self.uncond, step)
-        extra = (length - uncond.shape[0]) // self.empty.shape[0]
+        extra = (length - context_of(uncond).shape[0]) // self.empty.shape[0]
         if extra > 0:
-            uncond = np.concatenate([uncond, *[self.empty] * extra])
+            uncond = _on_context(uncond, lambda c: np.concatenate([c, *[self.empty] * extra]))
         elif extra < 0:
-            conds = [(np.concatenate([z, *[self.empty] * -extra]), w) for z, w in conds]
+            conds = [(_on_context(z, lambda c: np.concatenate([c, *[self.empty] * -extra])), w) for z, w in conds]
         return uncond, conds
+
+    def with_added(self, cond, uncond=None):
+        """A copy whose entries also carry these UNet inputs ({name: per-image vector}, e.g. time_ids);
+        the negative prompt's get `uncond`, or `cond` when that is None."""
+        def add(sched, extra):
+            return [(end, Cond(context_of(z), {**getattr(z, "added", {}), **extra})) for end, z in sched]
+
+        uncond_sched = add(self.uncond, cond if uncond is None else uncond) if self.uncond is not None else None
+        return Conditioning([(add(sched, cond), w) for sched, w in self.parts], uncond_sched, self.empty)
+
+
+def _on_context(z, fn):
+    return Cond(fn(z.context), z.added) if isinstance(z, Cond) else fn(z)
 
 
 def _pick(sched, step):
@@ -194,6 +247,6 @@ def encode_prompt(encoder, prompt, negative_prompt, steps, guidance=True):
     uncond = None
     if guidance or composed:
         sched = schedule(negative_prompt, steps)
-        z = encoder.encode_batch([t for _, t in sched])
+        z = encoder.encode_batch([t for _, t in sched], negative=True)
         uncond = [(end, z[t]) for end, t in sched]
     return Conditioning(parts, uncond, encoder.empty() if uncond is not None else None)

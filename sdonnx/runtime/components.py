@@ -26,31 +26,41 @@ class TextEncoder(_Component):
         super().__init__(folder, manifest, name, plan, replacements)
         from safetensors.numpy import load_file
 
-        info = info or manifest.text_encoders[0]
+        self.info = info = info or next(t for t in manifest.text_encoders if t.component == name)
         self.token_embeddings = load_file(str(Path(folder) / info.token_embeddings))["weight"]
 
     def embed(self, input_ids):
         """input_ids: [B, T] -> token embeddings [B, T, D]."""
         return self.token_embeddings[np.asarray(input_ids)]
 
-    def __call__(self, input_ids, clip_skip=1, inputs_embeds=None):
-        """input_ids: [B, T] -> hidden states [B, T, D] of layer -clip_skip, final layer norm applied.
+    def __call__(self, input_ids, clip_skip=1, inputs_embeds=None, pooled=False):
+        """input_ids: [B, T] -> hidden states [B, T, D] of layer -clip_skip, final layer norm applied, or of
+        the manifest's hidden_layer (raw; clip skip does not apply). With pooled=True: (hidden states,
+        the manifest's pooled output [B, P]).
 
         inputs_embeds, if given, replaces the table lookup (ids then only locate the end token)."""
         feeds = {"input_ids": input_ids, "inputs_embeds": self.embed(input_ids) if inputs_embeds is None else inputs_embeds}
-        if clip_skip <= 1:
-            return self.session.run(feeds, ["last_hidden_state"])["last_hidden_state"]
-        normed = self.session.run(feeds, ["hidden_states_normed"])["hidden_states_normed"]
-        if clip_skip > normed.shape[0]:
-            raise ValueError(f"clip skip {clip_skip} is more than the text encoder's {normed.shape[0]} layers")
-        return normed[-clip_skip]
+        layer = self.info.hidden_layer
+        name = "hidden_states" if layer is not None else "last_hidden_state" if clip_skip <= 1 else "hidden_states_normed"
+        if layer is None and clip_skip > 1:
+            layer = -clip_skip
+        wanted = [name] + ([self.info.pooled] if pooled else [])
+        out = self.session.run(feeds, wanted)
+        z = out[name]
+        if layer is not None:
+            if -layer > z.shape[0]:
+                raise ValueError(f"clip skip {-layer} is more than the text encoder's {z.shape[0]} layers")
+            z = z[layer]
+        return (z, out[self.info.pooled]) if pooled else z
 
 
 class UNet(_Component):
-    def __call__(self, sample, timestep, context):
-        """sample: [B, C, h, w], timestep: [B], context: [B, T, D] -> model output [B, C_out, h, w]."""
+    def __call__(self, sample, timestep, context, **added):
+        """sample: [B, C, h, w], timestep: [B], context: [B, T, D] -> model output [B, C_out, h, w].
+
+        added: the UNet's added conditions, if it takes any (SDXL: text_embeds [B, P], time_ids [B, 6])."""
         feeds = {"sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
-                 "encoder_hidden_states": context}
+                 "encoder_hidden_states": context, **added}
         return self.session.run(feeds)["out_sample"]
 
 
