@@ -119,10 +119,9 @@ class Pipeline:
 
     def _set_tiling(self, tiling):
         """tiling: None/False, True or "xy", "x", "y" (seamless in those directions)."""
-        value = {None: None, False: None, True: "xy", "": None}.get(tiling, tiling)
-        if value is not None and value not in ("xy", "x", "y"):
-            raise ValueError(f"tiling {tiling!r}: choose True/'xy', 'x', 'y' or None")
-        self._tiling = value
+        from .runtime.tiling import tiling_axes
+
+        self._tiling = tiling_axes(tiling)
 
     def set_loras(self, requests):
         """Give the text encoder and UNet these LoRAs ([LoraRequest]; [] restores the base sessions exactly).

@@ -167,3 +167,15 @@ def test_unreadable_image_and_cli_error(pipe, tiny_onnx, tmp_path):
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code != 0 and result.stderr.strip().startswith("error: cannot read the init image")
     assert not (tmp_path / "out").exists()
+
+
+def test_tiling_through_the_pipeline(pipe):
+    plain = pipe.generate("x", steps=3, sampler="Euler", seed=6, width=64, height=64)
+    tiled = pipe.generate("x", steps=3, sampler="Euler", seed=6, width=64, height=64, tiling=True)
+    assert "Tiling: True" in tiled.infotext and "Tiling" not in plain.infotext
+    assert np.abs(_px(tiled.images[0]) - _px(plain.images[0])).mean() > 1
+    with pytest.raises(ValueError, match="tiling"):
+        pipe.generate("x", steps=2, tiling="z")
+    # sessions for the plain graphs are still there and unchanged
+    again = pipe.generate("x", steps=3, sampler="Euler", seed=6, width=64, height=64)
+    assert np.array_equal(_px(again.images[0]), _px(plain.images[0]))
