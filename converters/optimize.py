@@ -80,8 +80,8 @@ class Plan:
                 "quantize": self.quantize if component in QUANTIZE_COMPONENTS else None}
 
 
-def derive(base_path, component, plan, num_heads=0):
-    """Write the derived graph of `component` to <component>/optimized/model.onnx; returns its path and the
+def derive(base_path, component, plan, num_heads=0, out_dir=None):
+    """Write the derived graph of `component` to <out_dir or component folder>/optimized/model.onnx; returns its path and the
     fused-operator counts. num_heads: the attention heads when every block has the same number (SD 1.x),
     else 0 (diffusers' export reshapes by a computed shape, so the fusion cannot read it off the graph)."""
     base_path = Path(base_path)
@@ -91,7 +91,7 @@ def derive(base_path, component, plan, num_heads=0):
         model, fused = _fuse(model, component, plan.optimize, num_heads)
     if plan.dtype_of(component) == "fp16":
         model = _to_fp16(model)
-    target = base_path.parent / "optimized" / MODEL_FILE
+    target = Path(out_dir or base_path.parent) / "optimized" / MODEL_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     if plan.quantize and component in QUANTIZE_COMPONENTS:
         _quantize_int8(model, target)

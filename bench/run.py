@@ -1,0 +1,287 @@
+"""Side-by-side benchmark: sdonnx (CPU EP, each optimization level) against diffusers' torch pipeline.
+
+    python bench/run.py --sizes 256 --steps 10            # build + convert once (cached in --work), run all
+    python bench/run.py --sizes 256 512 --engines diffusers sdonnx-opt
+
+A full-size SD 1.5-architecture pipeline with random weights (configs written below: UNet 320/640/1280/1280,
+CLIP ViT-L/14 text encoder with 12 layers, the SD VAE; same FLOPs and bytes as the real model, nothing
+downloaded) is saved as a diffusers folder and converted (base graphs + `--optimize cpu` graphs, and an int8
+UNet). Every engine runs the same job (txt2img, Euler, CFG 7, batch 1, `--steps` steps) in a fresh process:
+time to first image is measured from process start (imports, session/model creation, one image); then a
+second, warm image gives the steady-state times. Results: bench/results/<machine>-<date>.json and a
+markdown table on stdout (and in the README's performance section when --readme is given).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PROMPT = "a photograph of an astronaut riding a horse"
+ENGINES = ("diffusers", "sdonnx-base", "sdonnx-opt", "sdonnx-int8")
+
+
+# ---------------------------------------------------------------- the model (random weights, real shapes)
+
+def sd15_pipeline(seed=0):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(  # vae/config.json
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, norm_num_groups=32, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14 text tower
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+    with torch.no_grad():  # fresh layers have identical norms and zero biases: real checkpoints never do
+        for module in (unet, vae, text_encoder):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    tokenizer = CLIPTokenizerFast(tokenizer_file=str(ROOT / "sdonnx" / "data" / "clip" / "tokenizer.json"),
+                                  pad_token="<|endoftext|>", model_max_length=77)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def unet_flops(pipe, size):
+    """FLOPs (2 per multiply-add) of one CFG UNet call (batch 2) at size x size, counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lat = size // 8
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipe.unet(torch.randn(2, 4, lat, lat), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
+    return counter.get_total_flops()
+
+
+def prepare(work, sizes, log):
+    """The diffusers folder, its conversion (base + optimized graphs) and an int8 UNet; cached in `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    meta_path = work / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    diffusers_dir, onnx_dir = work / "sd15-random", work / "sd15-random-onnx"
+    if not (diffusers_dir / "model_index.json").is_file():
+        log("building the random-weight SD 1.5 pipeline")
+        pipe = sd15_pipeline()
+        pipe.save_pretrained(diffusers_dir, safe_serialization=True)
+        meta["unet_flops"] = {str(s): unet_flops(pipe, s) for s in (256, 512)}
+        del pipe
+        meta_path.write_text(json.dumps(meta, indent=1))
+    if not (onnx_dir / "sdonnx.json").is_file():
+        from converters.convert import convert
+
+        t = time.perf_counter()
+        convert(diffusers_dir, onnx_dir, force=True, optimize="cpu", progress=log)
+        meta["convert_s"] = time.perf_counter() - t
+        meta_path.write_text(json.dumps(meta, indent=1))
+    int8 = work / "int8-unet" / "optimized" / "model.onnx"
+    if not int8.is_file():
+        from converters.optimize import Plan, derive
+
+        log("quantizing the UNet to int8")
+        base = onnx_dir / "unet" / "model.onnx"
+        derive(base, "unet", Plan(optimize="cpu", quantize="int8"), num_heads=8, out_dir=int8.parent.parent)
+    return diffusers_dir, onnx_dir, int8
+
+
+def variant_folder(onnx_dir, work, engine, int8):
+    """A model folder for one sdonnx level: symlinks to the converted files and its own manifest."""
+    level = engine.split("-", 1)[1]
+    folder = work / f"model-{level}"
+    folder.mkdir(exist_ok=True)
+    for entry in onnx_dir.iterdir():
+        link = folder / entry.name
+        if entry.name != "sdonnx.json" and not link.exists():
+            link.symlink_to(entry)
+    manifest = json.loads((onnx_dir / "sdonnx.json").read_text())
+    for component in manifest["components"].values():
+        if level == "base":
+            component["optimized_path"], component["optimized"] = None, {}
+    if level == "int8":
+        (folder / "unet-int8").unlink(missing_ok=True)
+        (folder / "unet-int8").symlink_to(int8.parent)
+        manifest["components"]["unet"]["optimized_path"] = "unet-int8/model.onnx"
+        manifest["components"]["unet"]["optimized"] = {"target": "cpu", "dtype": "fp32", "quantize": "int8"}
+    (folder / "sdonnx.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+# ---------------------------------------------------------------- one engine, one fresh process
+
+def child(args):
+    t0 = args.t0
+    timings = {}
+
+    def timed(key, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timings.setdefault(key, []).append(time.perf_counter() - t)
+        return call
+
+    if args.engine == "diffusers":
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.unet.forward = timed("unet", pipe.unet.forward)
+        pipe.text_encoder.forward = timed("text_encoder", pipe.text_encoder.forward)
+        pipe.vae.decode = timed("vae_decoder", pipe.vae.decode)
+
+        def generate():
+            with torch.inference_mode():
+                return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.0, height=args.size,
+                            width=args.size, generator=torch.Generator().manual_seed(1), output_type="np").images
+    else:
+        from sdonnx.pipeline import Pipeline
+        from sdonnx.runtime import session as session_mod
+
+        pipe = Pipeline.load(args.model, provider="cpu")
+        run = session_mod.Session.run
+        session_mod.Session.run = lambda self, *a, **k: timed(self.name, lambda: run(self, *a, **k))()
+
+        def generate():
+            return pipe.generate(PROMPT, steps=args.steps, cfg_scale=7.0, sampler="Euler", seed=1,
+                                 width=args.size, height=args.size).images
+
+    t = time.perf_counter()
+    generate()
+    first_image = time.time() - t0
+    cold_s = time.perf_counter() - t
+    timings.clear()
+    t = time.perf_counter()
+    generate()
+    warm_s = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    unet = timings.get("unet", [])
+    inside = sum(sum(v) for v in timings.values())
+    result = {"engine": args.engine, "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
+              "first_generate_s": cold_s, "generate_s": warm_s, "unet_step_s": sum(unet) / max(1, len(unet)),
+              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
+              "vae_decode_s": sum(timings.get("vae_decoder", [])), "peak_rss_bytes": rss,
+              "outside_model_calls_s": warm_s - inside, "load_avg_1m": os.getloadavg()[0]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(engine, model, size, steps, log):
+    cmd = [sys.executable, __file__, "--child", engine, "--model", str(model), "--size", str(size),
+           "--steps", str(steps), "--t0", "T0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    load = os.getloadavg()[0]
+    cmd[-1] = repr(time.time())
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{engine} {size}px failed:\n{out.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["load_avg_1m_before"] = load
+    log(f"{engine} {size}px: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})}")
+    return result
+
+
+# ---------------------------------------------------------------- machine facts, report
+
+def cpu_peak():
+    """fp32 peak FLOP/s = physical cores x GHz x FLOPs per cycle per core, from lscpu/cpuinfo flags:
+    AVX-512F: 2 FMA units x 16 lanes x 2; AVX2+FMA: 2 x 8 x 2 (every AVX2 core since Haswell/Zen 2 has two
+    256-bit FMA pipes); else SSE: 2 x 4 x 2. GHz: the max MHz lscpu reports, else cpuinfo's current MHz."""
+    from sdonnx.runtime.session import physical_cores
+
+    text = open("/proc/cpuinfo").read()
+    flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+    mhz = None
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        mhz = next((float(line.split(":")[1]) for line in lscpu.splitlines() if line.startswith("CPU max MHz")), None)
+    except OSError:
+        pass
+    mhz = mhz or float(next(line for line in text.splitlines() if line.startswith("cpu MHz")).split(":")[1])
+    model = next((line.split(":")[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    cores = physical_cores()
+    return {"cpu": model, "physical_cores": cores, "ghz": mhz / 1000, "flops_per_cycle": per_cycle,
+            "isa": "avx512" if per_cycle == 64 else "avx2+fma" if per_cycle == 32 else "sse",
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "peak_flops": cores * mhz / 1000 * 1e9 * per_cycle}
+
+
+def table(results, machine, flops):
+    rows = ["| engine | size | UNet/step s (x) | text enc s | VAE dec s | generate s (x) | first image s (x) "
+            "| peak RSS GB (x) | outside ORT % | UNet % of peak | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ref = next((d for d in results if d["engine"] == "diffusers" and d["size"] == r["size"]), None)
+
+        def x(key):
+            return f"{r[key]:.2f} ({r[key] / ref[key]:.2f}x)" if ref else f"{r[key]:.2f}"
+        unet_pct = 100 * flops[str(r["size"])] / r["unet_step_s"] / machine["peak_flops"]
+        outside = "-" if r["engine"] == "diffusers" else f"{100 * r['outside_model_calls_s'] / r['generate_s']:.1f}"
+        rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" + (f" ({r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x)" if ref else "")
+        rows.append(f"| {r['engine']} | {r['size']} | {x('unet_step_s')} | {r['text_encoder_s']:.2f} | "
+                    f"{r['vae_decode_s']:.2f} | {x('generate_s')} | {x('time_to_first_image_s')} | {rss} | "
+                    f"{outside} | {unet_pct:.0f} | {r['load_avg_1m_before']:.1f} |")
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the engines (alternating)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sdonnx-bench"))
+    parser.add_argument("--child", choices=ENGINES)
+    parser.add_argument("--model"), parser.add_argument("--size", type=int), parser.add_argument("--t0", type=float)
+    args = parser.parse_args()
+    if args.child:
+        args.engine = args.child
+        return child(args)
+
+    def log(message):
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    sys.path.insert(0, str(ROOT))
+    diffusers_dir, onnx_dir, int8 = prepare(args.work, args.sizes, log)
+    meta = json.loads((args.work / "meta.json").read_text())
+    machine = {**cpu_peak(), "python": platform.python_version(), "ram_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30}
+    import onnxruntime
+    import torch
+
+    machine.update(onnxruntime=onnxruntime.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads())
+    results = []
+    out = RESULTS / f"cpu-{time.strftime('%Y%m%d-%H%M')}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for _ in range(args.repeats):
+        for size in args.sizes:
+            for engine in args.engines:
+                model = diffusers_dir if engine == "diffusers" else variant_folder(onnx_dir, args.work, engine, int8)
+                results.append(run_child(engine, model, size, args.steps, log))
+                out.write_text(json.dumps({"machine": machine, "unet_flops": meta["unet_flops"],
+                                           "convert_s": meta.get("convert_s"), "results": results}, indent=1))
+    print(table(results, machine, meta["unet_flops"]))
+    print(f"\n{machine['cpu']}, {machine['physical_cores']} cores x {machine['ghz']:.2f} GHz x "
+          f"{machine['flops_per_cycle']} FLOP/cycle ({machine['isa']}) = {machine['peak_flops'] / 1e9:.0f} GFLOP/s fp32 peak; "
+          f"results in {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
