@@ -296,9 +296,16 @@ def _load_single_file(path, family, prediction):
     if pred is None:
         pred = "v_prediction" if probe_v_prediction(parts["unet"]) else "epsilon"
         log.info("prediction type probed from the UNet: %s", pred)
+    sdxl_parts = {}
+    if "text_encoder_2" in parts:
+        from . import sdxl
+
+        # A1111 conditions an empty negative prompt as zeros for every SDXL model, refiner included
+        sdxl_parts = dict(text_encoder_2=parts["text_encoder_2"].eval(), tokenizer_2=parts["tokenizer_2"],
+                          manifest_extra=sdxl.manifest_extra(parts["unet"], guess.family, True))
     return Loaded(
-        text_encoder=parts["text_encoder"].eval(), unet=parts["unet"].eval(), vae=parts["vae"].eval(),
-        tokenizer=parts["tokenizer"], family=guess.family, prediction_type=pred,
+        text_encoder=parts["text_encoder"] and parts["text_encoder"].eval(), unet=parts["unet"].eval(),
+        vae=parts["vae"].eval(), tokenizer=parts["tokenizer"], **sdxl_parts, family=guess.family, prediction_type=pred,
         noise_schedule=_scheduler_facts(parts.get("scheduler_config", {})), name=path.stem,
         model_hash=model_hash(path),
         source={"kind": "single_file", "path": str(path), "detected_family": guess.family,

@@ -7,7 +7,10 @@ checkpoints from the tiny pipelines of tiny_models.py:
 - SD 1.x text encoder in HF CLIP layout under `cond_stage_model.transformer.text_model.`,
 - SD 2.x text encoder in OpenCLIP layout under `cond_stage_model.model.` (fused in_proj, resblocks,
   ln_final, text_projection) with one extra random final resblock, as in the real 24-layer file
-  whose last layer SD 2 never uses.
+  whose last layer SD 2 never uses;
+- SDXL (pipelines with text_encoder_2): CLIP-L in HF layout under `conditioner.embedders.0.transformer.`,
+  OpenCLIP bigG with its text_projection under `conditioner.embedders.1.model.` (the refiner, bigG only:
+  `conditioner.embedders.0.model.`), the UNet's added embedding as `label_emb.0.{0,2}`.
 """
 import re
 from pathlib import Path
@@ -22,10 +25,15 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
 
 
 def to_original(pipe, extra_openclip_layer=True) -> dict:
-    """{original key: tensor} for the pipeline's UNet, VAE and text encoder. The family follows the
-    text encoder's activation: quick_gelu -> SD 1.x CLIP layout, otherwise SD 2.x OpenCLIP layout."""
-    sd1 = pipe.text_encoder.config.hidden_act == "quick_gelu"
-    text = _clip(pipe.text_encoder) if sd1 else _open_clip(pipe.text_encoder, extra_openclip_layer)
+    """{original key: tensor} for the pipeline's UNet, VAE and text encoder(s). The family follows the
+    pipeline: text_encoder_2 -> SDXL; else the text encoder's activation: quick_gelu -> SD 1.x CLIP
+    layout, otherwise SD 2.x OpenCLIP layout."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        text = _sdxl_text(pipe.text_encoder, pipe.text_encoder_2)
+    elif pipe.text_encoder.config.hidden_act == "quick_gelu":
+        text = _clip(pipe.text_encoder)
+    else:
+        text = _open_clip(pipe.text_encoder, extra_openclip_layer)
     out = {}
     out.update(_prefixed("model.diffusion_model.", _unet(pipe.unet)))
     out.update(_prefixed("first_stage_model.", _vae(pipe.vae)))
@@ -65,6 +73,8 @@ def _unet(unet):
         parts = key.split(".")
         if parts[0] == "time_embedding":
             new = f"time_embed.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
+        elif parts[0] == "add_embedding":  # SDXL's pooled text + time ids embedding
+            new = f"label_emb.0.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
         elif parts[0] in ("conv_in", "conv_norm_out", "conv_out"):
             new = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[parts[0]] + "." + parts[1]
         elif parts[0] == "down_blocks":
@@ -132,17 +142,30 @@ def _vae(vae):
     return out
 
 
-def _clip(text_encoder):
-    out = _prefixed("cond_stage_model.transformer.text_model.", text_encoder.state_dict())
+def _clip(text_encoder, prefix="cond_stage_model.transformer.text_model."):
+    out = _prefixed(prefix, _text_state(text_encoder))
     # Files saved with older transformers carry the position_ids buffer; loaders must cope with it.
     positions = text_encoder.config.max_position_embeddings
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    out[prefix + "embeddings.position_ids"] = torch.arange(positions)[None]
     return out
 
 
-def _open_clip(text_encoder, extra_layer):
-    src = text_encoder.state_dict()
-    prefix = "cond_stage_model.model."
+def _text_state(text_encoder):
+    """The CLIP text transformer's weights without a `text_model.` prefix (transformers 5 drops it from
+    CLIPTextModel, CLIPTextModelWithProjection keeps it)."""
+    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def _sdxl_text(clip_l, big_g):
+    if clip_l is None:  # the refiner
+        return _open_clip(big_g, False, prefix="conditioner.embedders.0.model.")
+    out = _clip(clip_l, prefix="conditioner.embedders.0.transformer.text_model.")
+    out.update(_open_clip(big_g, False, prefix="conditioner.embedders.1.model."))
+    return out
+
+
+def _open_clip(text_encoder, extra_layer, prefix="cond_stage_model.model."):
+    src = _text_state(text_encoder)
     out = {
         prefix + "token_embedding.weight": src["embeddings.token_embedding.weight"],
         prefix + "positional_embedding": src["embeddings.position_embedding.weight"],
@@ -158,7 +181,9 @@ def _open_clip(text_encoder, extra_layer):
         template = _open_clip_block(src, "encoder.layers.0.")
         extra = {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in template.items()}
         out.update(_prefixed(f"{prefix}transformer.resblocks.{layers}.", extra))
-    out[prefix + "text_projection"] = torch.randn(width, text_encoder.config.projection_dim, generator=generator)
+    projection = src.get("text_projection.weight")  # OpenCLIP multiplies x @ P: P is the Linear weight transposed
+    out[prefix + "text_projection"] = projection.T if projection is not None else torch.randn(
+        width, text_encoder.config.projection_dim, generator=generator)
     out[prefix + "logit_scale"] = torch.tensor(4.6052)
     return out
 

@@ -24,7 +24,7 @@ from converters.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -32,6 +32,12 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: HF CLIPTextModel layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP layout
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L, HF layout
+SDXL_BIGG_PREFIX = {"sdxl": "conditioner.embedders.1.model.",  # OpenCLIP ViT-bigG with text_projection
+                    "sdxl_refiner": "conditioner.embedders.0.model."}  # the refiner has bigG only
+SDXL_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}  # size, crop, target size | size, crop, aesthetic score
+SDXL_SAMPLE_SIZE = 128  # 1024 px
+SDXL_VAE_SCALING_FACTOR = 0.13025
 
 # converters/ and sdonnx/ sit side by side, in the repo and when installed.
 TOKENIZER_JSON = Path(__file__).resolve().parents[1] / "sdonnx" / "data" / "clip" / "tokenizer.json"
@@ -73,10 +79,7 @@ def detect(state_dict, metadata=None) -> ModelGuess:
     """
     keys = state_dict.keys()
     if any(k.startswith(SDXL_PREFIX) for k in keys):
-        raise CheckpointError(
-            f"unsupported model layout: found SDXL-style text encoders ({SDXL_PREFIX}*); "
-            f"supported families: {', '.join(FAMILIES)}"
-        )
+        return _detect_sdxl(state_dict, metadata)
     has_clip = any(k.startswith(CLIP_PREFIX) for k in keys)
     has_open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)
     if UNET_PREFIX + "input_blocks.0.0.weight" not in state_dict or has_clip == has_open_clip:
@@ -126,6 +129,26 @@ def probe_v_prediction(unet) -> bool:
     return (out.float() - x[:, : config.out_channels].float()).mean().item() < -1
 
 
+def _detect_sdxl(state_dict, metadata):
+    keys = state_dict.keys()
+    has_clip = any(k.startswith(SDXL_CLIP_PREFIX) for k in keys)
+    family = "sdxl" if has_clip else "sdxl_refiner"
+    if UNET_PREFIX + "input_blocks.0.0.weight" not in state_dict or not any(
+            k.startswith(SDXL_BIGG_PREFIX[family]) for k in keys):
+        raise CheckpointError(
+            f"unsupported SDXL layout: expected a UNet under {UNET_PREFIX}* and the OpenCLIP bigG encoder under "
+            f"{SDXL_BIGG_PREFIX['sdxl']}* (with CLIP-L under {SDXL_CLIP_PREFIX}*) or {SDXL_BIGG_PREFIX['sdxl_refiner']}* "
+            f"(refiner); found top-level groups {_key_groups(keys)}")
+    in_channels = int(state_dict[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
+    prediction, source = _prediction_hint(state_dict, metadata)
+    if prediction is None:  # SDXL base, refiner and inpainting are eps models; v-pred finetunes carry a marker
+        prediction, source = "epsilon", "family"
+    return ModelGuess(
+        family=family, prediction=prediction, inpaint=in_channels == 9, in_channels=in_channels,
+        context_dim=int(_first(state_dict, UNET_PREFIX, ".attn2.to_k.weight").shape[1]),
+        linear_projection=_first(state_dict, UNET_PREFIX, ".proj_in.weight").ndim == 2, prediction_source=source)
+
+
 def load_components(state_dict, guess, prediction=None) -> dict:
     """text_encoder, unet, vae (fp32, eval), tokenizer and scheduler_config for a detected checkpoint.
 
@@ -134,6 +157,8 @@ def load_components(state_dict, guess, prediction=None) -> dict:
     prediction = prediction or guess.prediction
     if prediction not in PREDICTIONS + (None,):
         raise ValueError(f"prediction {prediction!r}: choose one of {PREDICTIONS}")
+    if guess.family in SDXL_BIGG_PREFIX:
+        return _load_sdxl(state_dict, guess, prediction or guess.prediction)
     converted = convert(state_dict, guess)
     unet = _build_unet(converted["unet"], guess.family)
     if prediction is None:
@@ -150,6 +175,36 @@ def load_components(state_dict, guess, prediction=None) -> dict:
     }
 
 
+def _load_sdxl(state_dict, guess, prediction):
+    """SDXL components: text_encoder (None for the refiner), text_encoder_2 with projection, unet, vae,
+    tokenizers, scheduler_config and the manifest facts of the added conditions."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    converted = convert(state_dict, guess)
+    big_g = converted["text_encoder_2"]
+    config = text_encoder_config(big_g, "sdxl")
+    config["projection_dim"] = int(big_g["text_projection.weight"].shape[0])
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    if not hasattr(text_encoder_2, "text_model"):  # should transformers flatten this class too
+        big_g = {k.removeprefix("text_model."): v for k, v in big_g.items()}
+    else:
+        big_g = {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in big_g.items()}
+    unet = _build_unet(converted["unet"], guess.family, pooled_dim=config["projection_dim"])
+    unet.register_to_config(sample_size=SDXL_SAMPLE_SIZE)
+    vae = _build_vae(converted["vae"], sample_size=SDXL_SAMPLE_SIZE * 8)
+    vae.register_to_config(scaling_factor=SDXL_VAE_SCALING_FACTOR)
+    first = converted.get("text_encoder")
+    return {
+        "text_encoder": _build_text_encoder(first, "sd1") if first is not None else None,
+        "tokenizer": make_tokenizer("sd1") if first is not None else None,
+        "text_encoder_2": _load_strict(text_encoder_2, big_g, "text encoder 2"),
+        "tokenizer_2": make_tokenizer("sd2"),
+        "unet": unet,
+        "vae": vae,
+        "scheduler_config": scheduler_config(prediction),
+    }
+
+
 def convert(state_dict, guess) -> dict:
     """{"text_encoder" | "unet" | "vae": diffusers-named state dict} using diffusers' converters.
 
@@ -162,11 +217,35 @@ def convert(state_dict, guess) -> dict:
     vae_levels = _count_indices(vae_sd, VAE_PREFIX + "encoder.down.")
     vae_blocks = {"down_block_types": ["DownEncoderBlock2D"] * vae_levels,
                   "up_block_types": ["UpDecoderBlock2D"] * vae_levels}
+    unet_layout = {"layers_per_block": _unet_layers_per_block(unet_sd)}
+    if guess.family in SDXL_BIGG_PREFIX:
+        unet_layout["addition_embed_type"] = "text_time"
+        text = _convert_sdxl_text(state_dict, guess.family)
+    else:
+        text = {"text_encoder": _convert_text_encoder(state_dict, guess.family)}
     return {
-        "text_encoder": _convert_text_encoder(state_dict, guess.family),
-        "unet": convert_ldm_unet_checkpoint(unet_sd, {"layers_per_block": _unet_layers_per_block(unet_sd)}),
+        **text,
+        "unet": convert_ldm_unet_checkpoint(unet_sd, unet_layout),
         "vae": convert_ldm_vae_checkpoint(vae_sd, vae_blocks),
     }
+
+
+def _convert_sdxl_text(state_dict, family):
+    """{"text_encoder": CLIP-L (base only), "text_encoder_2": bigG with text_projection.weight}, keys
+    without `text_model.`; all bigG layers are kept (SDXL pools the last, conditions on the penultimate)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    prefix = SDXL_BIGG_PREFIX[family]
+    text_sd = _with_prefix(state_dict, prefix, "OpenCLIP bigG text encoder")
+    width = text_sd[prefix + "token_embedding.weight"].shape[1]
+    stand_in = SimpleNamespace(config=SimpleNamespace(hidden_size=width))
+    big_g = convert_open_clip_checkpoint(stand_in, text_sd, prefix=prefix)
+    out = {"text_encoder_2": {k.removeprefix("text_model."): v for k, v in big_g.items()}}
+    if family == "sdxl":
+        clip = convert_ldm_clip_checkpoint(_with_prefix(state_dict, SDXL_CLIP_PREFIX, "CLIP-L text encoder"))
+        out["text_encoder"] = {k.removeprefix("text_model."): v for k, v in clip.items()
+                               if not k.endswith("position_ids")}
+    return out
 
 
 def key_map(state_dict, guess) -> dict:
@@ -283,7 +362,7 @@ def text_encoder_config(converted, family) -> dict:
         num_hidden_layers=_count_indices(converted, "encoder.layers."),
         num_attention_heads=hidden // CLIP_HEAD_DIM,
         max_position_embeddings=converted["embeddings.position_embedding.weight"].shape[0],
-        hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        hidden_act="quick_gelu" if family == "sd1" else "gelu",  # SDXL's bigG: gelu
         projection_dim=hidden,
         bos_token_id=49406,
         eos_token_id=49407,
@@ -310,7 +389,7 @@ def _unet_layers_per_block(unet_sd):
     return outputs // levels - 1
 
 
-def unet_config(converted, family) -> dict:
+def unet_config(converted, family, pooled_dim=None) -> dict:
     """UNet2DConditionModel arguments from a converted UNet state dict's shapes and the family's head rule."""
     levels = _count_indices(converted, "down_blocks.")
     channels = [converted[f"down_blocks.{b}.resnets.0.conv1.weight"].shape[0] for b in range(levels)]
@@ -333,13 +412,26 @@ def unet_config(converted, family) -> dict:
         use_linear_projection=_first(converted, "", ".proj_in.weight").ndim == 2,
         upcast_attention=family == "sd2",  # no-op in fp32; SD 2.1 needs it in fp16
         norm_num_groups=32,
+        **(_added_embedding_config(converted, family, pooled_dim) if family in SDXL_TIME_IDS else {}),
     )
 
 
-def _build_unet(converted, family):
+def _added_embedding_config(converted, family, pooled_dim):
+    """SDXL's "text_time" embedding: its input is the pooled text (pooled_dim) + one sinusoidal embedding
+    per time id; the width of each follows from the family's number of time ids."""
+    total = int(converted["add_embedding.linear_1.weight"].shape[1])
+    per_id, rest = divmod(total - pooled_dim, SDXL_TIME_IDS[family])
+    if rest or per_id < 1:
+        raise CheckpointError(f"the UNet's added embedding takes {total} inputs: not pooled text ({pooled_dim}) "
+                              f"+ {SDXL_TIME_IDS[family]} time ids")
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=per_id,
+                projection_class_embeddings_input_dim=total)
+
+
+def _build_unet(converted, family, pooled_dim=None):
     from diffusers import UNet2DConditionModel
 
-    return _load_strict(UNet2DConditionModel(**unet_config(converted, family)), converted, "UNet")
+    return _load_strict(UNet2DConditionModel(**unet_config(converted, family, pooled_dim)), converted, "UNet")
 
 
 def _has(state_dict, prefix):
