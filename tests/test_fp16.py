@@ -43,7 +43,7 @@ def test_fp16_graphs_keep_fp32_inputs_and_outputs(fp16_model):
 
 
 def test_fp16_image_is_close_to_fp32(fp16_model, tiny_onnx):
-    args = dict(steps=3, sampler="Euler", seed=3, width=64, height=64)
+    args = {"steps": 3, "sampler": "Euler", "seed": 3, "width": 64, "height": 64}
     half = np.asarray(_pipe(fp16_model).generate("a blue sphere", **args).images[0], np.float32)
     full = np.asarray(_pipe(tiny_onnx("sd1")).generate("a blue sphere", **args).images[0], np.float32)
     assert np.abs(half - full).mean() < 2.0

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.transformers.optimizer")
 
-from converters.convert import ConvertError, convert  # noqa: E402
-from converters.optimize import OptimizeError, Plan, derive  # noqa: E402
+from converters.convert import ConvertError, convert
+from converters.optimize import OptimizeError, Plan, derive
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_int8_unet_runs_with_a_bounded_error(tiny_onnx, tmp_path):
     import onnxruntime as ort
 
     base = tiny_onnx("sd1") / "unet" / "model.onnx"
-    path, fused = derive(base, "unet", Plan(optimize="cpu", quantize="int8"), num_heads=8, out_dir=tmp_path)
+    path, _ = derive(base, "unet", Plan(optimize="cpu", quantize="int8"), num_heads=8, out_dir=tmp_path)
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 8, 8), np.float32), "timestep": np.array([300, 300], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, 64), np.float32)}
