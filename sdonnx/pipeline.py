@@ -72,6 +72,7 @@ class Pipeline:
         self._lora_keys = {}  # component -> cache key of the active LoRA set
         self._lora_replacements = {}  # component -> {initializer: merged array} of the active set
         self._tiling = None
+        self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
         self.tokenizer = self.tokenizers[manifest.text_encoders[0].component]
@@ -213,7 +214,8 @@ class Pipeline:
                  hires=False, hires_scale=2.0, hires_width=0, hires_height=0, hires_upscaler="Latent",
                  hires_steps=0, hires_denoising=0.7, hires_sampler=None, hires_scheduler=None,
                  hires_prompt=None, hires_negative_prompt=None, tiling=None, tiled_vae=None,
-                 crop_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5, **sampler_options):
+                 crop_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5, refiner=None,
+                 refiner_switch_at=0.8, **sampler_options):
         """txt2img, img2img and inpainting (with init_image / mask), with optional hires fix.
 
         Returns GenerationResult(images, seeds, infotexts).
@@ -248,6 +250,9 @@ class Pipeline:
         decodes/encodes in tiles (None: automatically for large images).
         SDXL (models whose UNet takes time ids): crop_top_left (top, left) goes into the time ids beside the
         image size; the refiner's aesthetic_score / negative_aesthetic_score (A1111's 6.0 / 2.5).
+        Refiner (A1111's switch): refiner (a Pipeline or a model folder) takes over the first pass's denoiser
+        calls from the fraction refiner_switch_at of the sampled steps on, with its own conditioning, and
+        decodes the result (the hires pass, if any, runs on this model).
         """
         m = self.manifest
         init = self._init_plan(init_image, mask, width, height, resize_mode, mask_blur, inpainting_mask_invert,
@@ -285,6 +290,8 @@ class Pipeline:
         conditioning = self.with_time_ids(conditioning, width, height, **added)
         if hr is not None:  # A1111 conditions the second pass on the hires size
             hr_conditioning = self.with_time_ids(hr_conditioning, hr.width, hr.height, **added)
+        refine = self._refiner_plan(refiner, refiner_switch_at, prompt_text, negative_prompt, steps, clip_skip,
+                                    emphasis, cfg_scale, (width, height), added, len(sigmas) - 1)
         # --- conditioning end
         self._release("text_encoder")
         init_latent, image_cond = self._init_latents(init, shape, tiled_vae)
@@ -299,6 +306,7 @@ class Pipeline:
                   "ENSD": ensd or None, "Tiling": bool(tiling), "Schedule max sigma": sigma_max,
                   "Schedule min sigma": sigma_min, "Schedule rho": rho, **(init.params() if init else {}),
                   **(hr.params(hires_sampler, hires_scheduler, hires_prompt, hires_negative_prompt) if hr else {}),
+                  **_refiner_params(refine, refiner_switch_at),
                   **_option_params(resolved, sampler_options), "Version": f"sdonnx {__version__}"}
         images, seeds, infotexts, interrupted = [], [], [], False
         total = (len(sigmas) - 1 + (hr.steps_run if hr else 0)) * batch_count
@@ -313,7 +321,8 @@ class Pipeline:
             on_step = _step_reporter(callback, n * total // batch_count, total, preview)
             try:
                 x = self._denoise_pass(resolved, sigmas, noise, init_latent, image_cond, init, conditioning,
-                                       cfg_scale, noise_sampler, image_rng, batch_seeds, on_step, sampler_options)
+                                       cfg_scale, noise_sampler, image_rng, batch_seeds, on_step, sampler_options,
+                                       refine)
                 if hr is not None:
                     x = self._hires_pass(hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides,
                                          hr_conditioning, cfg_scale, batch_seeds, rng_args, on_step,
@@ -322,7 +331,7 @@ class Pipeline:
                 interrupted, x = True, on_step.last_denoised
             if x is not None:
                 self._release("unet")
-                batch_images = self.decode(x, tiled=tiled_vae)
+                batch_images = (refine[0] if refine and hr is None else self).decode(x, tiled=tiled_vae)
                 images += [init.finish(im) for im in batch_images] if init else batch_images
                 seeds += batch_seeds
                 infotexts += [format_infotext(prompt, negative_prompt, {**params, **_seed_params(s, j, batch_subseeds)})
@@ -372,8 +381,8 @@ class Pipeline:
         return self.encode_images(images)
 
     def _denoise_pass(self, resolved, sigmas, noise, init_latent, image_cond, init, conditioning, cfg_scale,
-                      noise_sampler, image_rng, seeds, on_step, sampler_options):
-        """One sampling run: initial latent, denoiser with its inpainting hooks, sampler."""
+                      noise_sampler, image_rng, seeds, on_step, sampler_options, refine=None):
+        """One sampling run: initial latent, denoiser with its inpainting hooks and refiner switch, sampler."""
         m = self.manifest
         keep = None
         if init_latent is None:
@@ -387,12 +396,42 @@ class Pipeline:
         unet = _with_image_cond(self._component("unet"), image_cond)
         denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
                                cond_at=conditioning.at)
+        if refine is not None:
+            refiner, refiner_conditioning, at = refine
+            # the refiner's prompt schedule goes on counting calls where the base model's stopped
+            second = cfg_denoiser(refiner._component("unet"), refiner.model_sigmas, refiner.manifest.prediction_type,
+                                  cfg_scale=cfg_scale, cond_at=lambda i: refiner_conditioning.at(i + at))
+            denoise = _switching(denoise, second, at)
         if keep is not None:
             denoise = _blend_known(denoise, init_latent, keep)
         step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, seeds, image_rng)
         x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
                                        **{**resolved.options, **sampler_options})
         return x if keep is None else init_latent * keep + x * (1.0 - keep)
+
+    def _refiner_plan(self, refiner, switch_at, prompt, negative, steps, clip_skip, emphasis, cfg_scale, size,
+                      added, sampled_steps):
+        """A1111's refiner switch: (refiner Pipeline, its conditioning, the denoiser call it takes over at),
+        or None without a refiner. A1111 switches at the first call i with i / steps >= switch_at."""
+        if refiner is None:
+            return None
+        if not 0 < switch_at < 1:
+            raise ValueError(f"refiner_switch_at {switch_at!r}: choose a fraction between 0 and 1")
+        if not isinstance(refiner, Pipeline):
+            key = str(Path(refiner).resolve())
+            if key not in self._refiners:
+                self._refiners[key] = Pipeline(refiner, load_manifest(refiner), self.plan, lowmem=self.lowmem)
+            refiner = self._refiners[key]
+        r, m = refiner.manifest, self.manifest
+        if (r.latent_channels, r.vae_scale_factor) != (m.latent_channels, m.vae_scale_factor):
+            raise ValueError(f"refiner {r.name} ({r.family}) has another latent space than {m.name} ({m.family}): "
+                             f"{r.latent_channels} channels / factor {r.vae_scale_factor} vs "
+                             f"{m.latent_channels} / {m.vae_scale_factor}")
+        conditioning, _ = refiner.encode_prompts(prompt, negative, steps, clip_skip, emphasis, guidance=cfg_scale != 1.0)
+        conditioning = refiner.with_time_ids(conditioning, *size, **added)
+        refiner._release(*(t.component for t in r.text_encoders))
+        at = next(i for i in range(sampled_steps + 1) if i / sampled_steps >= switch_at)
+        return refiner, conditioning, at
 
     def _hires_conditioning(self, hr, hires_prompt, hires_negative, prompt, negative, conditioning, clip_skip,
                             emphasis, cfg_scale):
@@ -446,6 +485,24 @@ def _with_image_cond(unet, image_cond):
         return unet(np.concatenate([sample, np.tile(image_cond, (reps, 1, 1, 1))], 1), timestep, context, **added)
 
     return call
+
+
+def _switching(first, second, at):
+    """Denoiser calls 0 .. at-1 go to `first`, the rest to `second` (the refiner switch)."""
+    calls = {"n": 0}
+
+    def call(x, sigma):
+        calls["n"] += 1
+        return (first if calls["n"] <= at else second)(x, sigma)
+
+    return call
+
+
+def _refiner_params(refine, switch_at):
+    if refine is None:
+        return {}
+    r = refine[0].manifest
+    return {"Refiner": f"{r.name} [{r.model_hash}]" if r.model_hash else r.name, "Refiner switch at": switch_at}
 
 
 def _blend_known(denoise, init_latent, keep):
