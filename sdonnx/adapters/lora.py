@@ -272,8 +272,7 @@ class LoraMerger:
     def match(self, lora):
         """(MatchReport, {(component, module): params}) for one parsed file; raises LoraError for files
         made for another model family."""
-        sdxl = [k for k in lora.modules if k.startswith(SDXL_ONLY_PREFIXES) and
-                not any(k.startswith(PREFIXES[c]) for c in self.components)]
+        sdxl = [k for k in lora.modules if k.startswith(SDXL_ONLY_PREFIXES) and "text_encoder_2" not in self.components]
         if sdxl:
             raise LoraError(f"LoRA {lora.name} is for SDXL (it has keys such as {sdxl[0]}); "
                             f"the model {self.manifest.name} is {self.manifest.family}")

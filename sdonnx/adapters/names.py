@@ -89,15 +89,19 @@ class Resolver:
         self.components = dict(component_modules)
         self._underscored = {}
         self._dotted = {}
+        two_encoders = "text_encoder_2" in self.components
         for component, mods in self.components.items():
             kohya, dotted = PREFIXES[component]
+            # SDXL kohya files name the first encoder lora_te1_
+            kohyas = [kohya, "lora_te1_"] if component == "text_encoder" and two_encoders else [kohya]
             aliases = {m: [m] for m in mods}
             if component == "unet":
                 for module, ldm in ldm_unet_names(mods).items():
                     aliases[module].append(ldm)
             for module, names in aliases.items():
                 for name in names:
-                    self._underscored[kohya + name.replace(".", "_")] = (component, module)
+                    for prefix in kohyas:
+                        self._underscored[prefix + name.replace(".", "_")] = (component, module)
                 self._dotted[dotted + module] = (component, module)
                 if component.startswith("text_encoder") and module.startswith("text_model."):
                     self._dotted[dotted + module[len("text_model."):]] = (component, module)
