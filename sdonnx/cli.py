@@ -76,6 +76,9 @@ def _image_options(command):
         click.option("--hires-prompt", default=None),
         click.option("--tiling", type=click.Choice(["xy", "x", "y"]), default=None, help="Seamless tiling."),
         click.option("--tiled-vae/--no-tiled-vae", default=None, help="VAE in tiles [default: for large images]."),
+        click.option("--refiner", default=None, type=click.Path(), help="SDXL refiner model folder (A1111's switch)."),
+        click.option("--refiner-switch-at", default=0.8, show_default=True, type=float,
+                     help="Fraction of the steps after which the refiner takes over."),
     ]
     for option in reversed(options):
         command = option(command)
