@@ -177,7 +177,8 @@ class JointPromptEncoder:
         out = {}
         for text in per[0]:
             z = np.concatenate([p[text] for p in per], axis=-1)
-            pooled = {"text_embeds": e.pooled[text] for e in self.encoders if e.pooled is not None}
+            pooled = [e.pooled[text] for e in self.encoders if e.pooled is not None]  # SDXL: bigG's
+            pooled = {"text_embeds": pooled[-1]} if pooled else {}
             if negative and self.zero_empty_negative and all(t == "" for t in texts):
                 z, pooled = np.zeros_like(z), {k: np.zeros_like(v) for k, v in pooled.items()}
             out[text] = Cond(z, pooled)
