@@ -276,21 +276,38 @@ def _load_diffusers(path, family, prediction, *, name, source):
         source={**source, "detected_family": detected}, manifest_extra=extra)
 
 
+def _apply_resolution_hint(parts, metadata):
+    """A file's `modelspec.resolution` ("WxH", the model-spec metadata convention) sets its native size,
+    which the weights cannot tell (the demo model is 64x64; real SD 1.x files carry 512x512 or nothing)."""
+    value = str((metadata or {}).get("modelspec.resolution", ""))
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        return
+    factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    if width == height and width % factor == 0:
+        parts["unet"].register_to_config(sample_size=width // factor)
+
+
 def _load_single_file(path, family, prediction):
-    from .checkpoint import CheckpointError, load_state_dict
+    import dataclasses
+
+    from .checkpoint import CheckpointError, load_state_dict, read_metadata
     from .single_file import detect, load_components, probe_v_prediction
 
     try:
         state = load_state_dict(path)
-        guess = detect(state)
+        metadata = read_metadata(path)
+        guess = detect(state, metadata)
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
     except ValueError as e:
         raise ConvertError(f"{path.name}: {e}") from e
     if family and family != guess.family:
         log.warning("--family %s overrides the detected family %s", family, guess.family)
-        guess.family = family
+        guess = dataclasses.replace(guess, family=family)
     parts = load_components(state, guess, prediction=prediction or guess.prediction)
+    _apply_resolution_hint(parts, metadata)
     del state
     pred = prediction or guess.prediction
     if pred is None:

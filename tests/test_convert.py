@@ -139,3 +139,16 @@ def test_unknown_source_and_bad_options(tmp_path):
         convert(tmp_path, tmp_path / "out", dtype="int4")
     with pytest.raises(ConvertError, match="not a diffusers model"):
         convert(tmp_path, tmp_path / "out2")
+
+
+def test_single_file_metadata_sets_native_size_and_family_override(tiny_diffusers, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, pipe = tiny_diffusers("sd1")
+    plain = tmp_path / "plain.safetensors"
+    save_checkpoint(pipe, plain)
+    tagged = tmp_path / "tagged.safetensors"
+    save_file(load_file(str(plain)), str(tagged), metadata={"modelspec.resolution": "64x64"})
+    m = convert(tagged, tmp_path / "tagged", family="sd1")
+    assert m.native_size == 64  # without the hint a single SD 1.x file is taken as 512x512
+    assert convert(plain, tmp_path / "plain").native_size == 512
