@@ -14,16 +14,18 @@ Stages, each deterministic for a given --seed (one CPU thread by default: on a s
 single thread is both faster and reproducible):
 1. dataset: 90 (shape colour, background, shape) combinations x --variants random sizes/positions,
    rendered at 4x and box-filtered to 64x64 (the model's native size; latents are 8x8).
-2. VAE: trained on random 32x32 crops (convolutions do not care, it is 4x cheaper), then its latent
-   space is re-centred and re-scaled per channel, folded exactly into quant_conv / post_quant_conv,
-   so that latents x 0.18215 (SD 1.x's fixed factor) have unit variance.
-3. UNet + text encoder, jointly, eps loss with min-SNR-5 weighting; 10% empty captions so that
-   classifier-free guidance and negative prompts work; a few partial captions ("a red circle",
-   "red circle", "red") so that single words mean something; EMA weights are shipped.
+2. latent space, defined by hand (`target_latents`): per 8x8 patch the mean colour and a vertical
+   moment, standardized, so that latents x 0.18215 (SD 1.x's fixed factor) have unit variance.
+3. vae: decoder (latents -> image) and encoder (image -> latents) trained as two regressions on aligned
+   32x32 crops. unet: UNet + text encoder, jointly, on the latents of stage 2, eps loss with min-SNR-5
+   weighting; 10% empty captions so that classifier-free guidance and negative prompts work; a few
+   partial captions ("a red circle", "red circle", "red") so that single words mean something; EMA
+   weights are kept. The two stages are independent: `--stage vae` and `--stage unet` may run at the
+   same time in two processes.
 4. export: original CompVis layout, fp16, safetensors (converters/original_layout.py).
 
-On the 2-core machine it was made on (shared with other work) the defaults take about 50 minutes.
-Stage results are kept in --workdir, so a rerun resumes after the last finished stage.
+Stage results are kept in --workdir, so a rerun skips finished stages. How long the shipped model took
+is in models/demo/README.md.
 """
 import argparse
 import logging
