@@ -264,7 +264,7 @@ def export(text_encoder, unet, vae, out):
     state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, str(out), metadata={"modelspec.prediction_type": "epsilon",
+    save_file(state_dict, str(out), metadata={"modelspec.prediction_type": "epsilon", "modelspec.resolution": "64x64",
                                               "sdonnx.made_by": "converters/tools/train_demo.py"})
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
