@@ -18,7 +18,7 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint file cannot be read, is refused for safety, or is not a supported model."""
 
 

@@ -22,7 +22,7 @@ DTYPES = ("fp32", "fp16")
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 
 
-class ConvertError(Exception):
+class ConvertError(ValueError):
     """A convert that cannot go ahead; the message says why and what to do."""
 
 

@@ -12,15 +12,7 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def _user_errors():
-    errors = list(USER_ERRORS)
-    try:  # converter errors exist only where the convert extra is installed
-        from converters.checkpoint import CheckpointError
-        from converters.convert import ConvertError
-
-        errors += [ConvertError, CheckpointError]
-    except ImportError:
-        pass
-    return tuple(errors)
+    return USER_ERRORS
 
 
 def _fail(error):
@@ -103,43 +95,31 @@ def _image_args(opts):
     return args
 
 
-@click.group()
+class _Commands(click.Group):
+    """The sdonnx group plus commands other packages register under the `sdonnx.commands` entry point,
+    loaded only when used: the torch-side `convert` lives in converters/ and the runtime never imports it."""
+
+    @staticmethod
+    def _plugins():
+        from importlib.metadata import entry_points
+
+        return {entry.name: entry for entry in entry_points(group="sdonnx.commands")}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        entry = None if command else self._plugins().get(name)
+        return entry.load() if entry else command
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="sdonnx")
 def main(verbose):
     """Stable Diffusion through ONNX Runtime on any GPU vendor, without torch at run time."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
-@main.command()
-@click.argument("source")
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--family", type=click.Choice(["sd1", "sd2"]), help="Override the family detected from the weights.")
-@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="Override the prediction type.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: half-precision graphs for GPU providers (inputs/outputs stay fp32; the fp32 VAE stays "
-                   "beside the fp16 one and decodes whenever the fp16 one overflows).")
-@click.option("--optimize", is_flag=True, help="Fuse attention, LayerNorm, GELU... with ONNX Runtime's transformer "
-                                               "optimizer at convert time (see --target).")
-@click.option("--target", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="Provider kind the fusions are chosen for [default: gpu with --dtype fp16, else cpu].")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8 (dynamic) UNet for the CPU provider: faster, slightly different images.")
-def convert(source, outdir, force, family, prediction, dtype, optimize, target, quantize):
-    """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder."""
-    try:
-        from converters.convert import convert as run_convert
-    except ImportError as e:
-        _fail(f"converting needs the torch side: pip install 'sdonnx[convert]' ({e})")
-    try:
-        target = target or ("gpu" if dtype == "fp16" else "cpu")
-        manifest = run_convert(source, outdir, force=force, family=family, prediction=prediction, dtype=dtype,
-                               optimize=target if optimize else None, quantize=quantize,
-                               progress=lambda message: click.echo(message, err=True))
-    except _user_errors() as e:
-        _fail(e)
-    click.echo(f"converted {manifest.name} ({manifest.family}, {manifest.prediction_type}) to {outdir}")
 
 
 @main.command()

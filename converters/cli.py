@@ -1,0 +1,36 @@
+"""`sdonnx convert`: the torch-side command, registered with the sdonnx CLI through the
+`sdonnx.commands` entry point (the runtime package never imports converters/)."""
+import click
+
+from sdonnx.cli import _fail, _user_errors
+
+
+@click.command()
+@click.argument("source")
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--family", type=click.Choice(["sd1", "sd2"]), help="Override the family detected from the weights.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), help="Override the prediction type.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: half-precision graphs for GPU providers (inputs/outputs stay fp32; the fp32 VAE stays "
+                   "beside the fp16 one and decodes whenever the fp16 one overflows).")
+@click.option("--optimize", is_flag=True, help="Fuse attention, LayerNorm, GELU... with ONNX Runtime's transformer "
+                                               "optimizer at convert time (see --target).")
+@click.option("--target", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Provider kind the fusions are chosen for [default: gpu with --dtype fp16, else cpu].")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8 (dynamic) UNet for the CPU provider: faster, slightly different images.")
+def convert(source, outdir, force, family, prediction, dtype, optimize, target, quantize):
+    """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder."""
+    try:
+        from .convert import convert as run_convert
+    except ImportError as e:
+        _fail(f"converting needs the torch side: pip install 'sdonnx[convert]' ({e})")
+    try:
+        target = target or ("gpu" if dtype == "fp16" else "cpu")
+        manifest = run_convert(source, outdir, force=force, family=family, prediction=prediction, dtype=dtype,
+                               optimize=target if optimize else None, quantize=quantize,
+                               progress=lambda message: click.echo(message, err=True))
+    except _user_errors() as e:
+        _fail(e)
+    click.echo(f"converted {manifest.name} ({manifest.family}, {manifest.prediction_type}) to {outdir}")
