@@ -25,7 +25,7 @@ from .prompt import extract_networks
 from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
-from .samplers import SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
+from .samplers import SAMPLER_INFO, SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
 from .text.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -394,6 +394,7 @@ class Pipeline:
                 start = init.masked_content(init_latent, keep, noise)
             x = start + noise * np.float32(sigmas[0])
         unet = _with_image_cond(self._component("unet"), image_cond)
+        cfg_scale = cfg_scale * SAMPLER_INFO[resolved.sampler].cfg_multiplier
         denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
                                cond_at=conditioning.at)
         if refine is not None:
@@ -457,7 +458,8 @@ class Pipeline:
                                  hr.denoising)
         noise = ImageRNG(shape, seeds, **rng_args).first()
         unet = self._component("unet")
-        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
+        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type,
+                               cfg_scale=cfg_scale * SAMPLER_INFO[hr_resolved.sampler].cfg_multiplier,
                                cond_at=conditioning.at)
         x = start + noise * np.float32(sigmas[0])
         step_noise = _noise_sampler(hr_resolved, x, sigmas, seeds, ImageRNG(shape, seeds, **rng_args))
@@ -493,8 +495,12 @@ def _switching(first, second, at):
 
     def call(x, sigma):
         calls["n"] += 1
-        return (first if calls["n"] <= at else second)(x, sigma)
+        active = first if calls["n"] <= at else second
+        denoised = active(x, sigma)
+        call.last_uncond = active.last_uncond  # what CFG++ samplers read
+        return denoised
 
+    call.last_uncond = None
     return call
 
 
@@ -508,8 +514,12 @@ def _refiner_params(refine, switch_at):
 def _blend_known(denoise, init_latent, keep):
     """Inpainting with any model: the known region's x0 is the init latent at every step (A1111)."""
     def call(x, sigma):
-        return init_latent * keep + denoise(x, sigma) * (1.0 - keep)
+        denoised = denoise(x, sigma)
+        uncond = getattr(denoise, "last_uncond", None)
+        call.last_uncond = None if uncond is None else init_latent * keep + uncond * (1.0 - keep)
+        return init_latent * keep + denoised * (1.0 - keep)
 
+    call.last_uncond = None
     return call
 
 

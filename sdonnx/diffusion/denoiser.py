@@ -52,12 +52,15 @@ def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cf
         out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts), **_added(entries, batch))
         denoised = x[None] * c_skip + out.reshape(n, *x.shape) * c_out
         if not guided:
+            denoise.last_uncond = None
             return denoised[0].astype(np.float32)
+        denoise.last_uncond = denoised[0].astype(np.float32)  # CFG++ samplers re-noise along it
         result = denoised[0]
         for k, (_, weight) in enumerate(conds, start=1):
             result = result + (weight * cfg_scale) * (denoised[k] - denoised[0])
         return result.astype(np.float32)
 
+    denoise.last_uncond = None
     return denoise
 
 

@@ -160,3 +160,27 @@ def sample_lms(denoise, x, sigmas, *, noise_sampler=None, callback=None, order=4
         coeffs = linear_multistep_coeffs(sigmas, i, min(i + 1, order))
         x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
     return x
+
+
+def sample_ddim_cfgpp(denoise, x, sigmas, *, noise_sampler=None, callback=None, eta=0.0, s_noise=1.0):
+    """DDIM with CFG++ (Chung et al. 2024): the step keeps the guided x0 estimate but re-noises along the
+    *unconditional* noise prediction.
+
+    `denoise` reports the unconditional estimate of its last call as `denoise.last_uncond` (the CFG
+    denoiser does; None without guidance, which makes this plain DDIM). A1111 pairs it with a CFG scale
+    divided by 12.5 (SAMPLER_INFO's cfg_multiplier), mapping the usual 0..12.5 to CFG++'s 0..1.
+    """
+    sigmas = as_sigmas(sigmas)
+    if eta:
+        require_noise(noise_sampler, "DDIM CFG++", "eta > 0")
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        uncond = getattr(denoise, "last_uncond", None)
+        uncond = denoised if uncond is None else uncond
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        report(callback, i, x, sigma, denoised)
+        x = denoised + to_d(x, sigma, uncond) * sigma_down
+        if sigma_next > 0 and eta:
+            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+    return x

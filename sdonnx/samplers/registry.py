@@ -19,6 +19,7 @@ class SamplerInfo:
     schedule: str = "Uniform"  # what "Automatic" resolves to
     discard_penultimate_sigma: bool = False
     options: MappingProxyType = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # A1111 defaults
+    cfg_multiplier: float = 1.0  # A1111 scales the CFG scale for this sampler (DDIM CFG++: 1 / 12.5)
 
 
 _CHURN = MappingProxyType({"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0})
@@ -43,6 +44,8 @@ SAMPLER_INFO = {
     "DPM adaptive": SamplerInfo(dpm_solver.sample_dpm_adaptive, ("k_dpm_ad",), options=_ANCESTRAL),
     "Restart": SamplerInfo(extra.sample_restart, ("restart",), "Karras", options=MappingProxyType({"s_noise": 1.0})),
     "DDIM": SamplerInfo(karras.sample_ddim, ("ddim",), "DDIM", options=MappingProxyType({"eta": 0.0})),
+    "DDIM CFG++": SamplerInfo(karras.sample_ddim_cfgpp, ("ddim_cfgpp",), "DDIM", options=MappingProxyType({"eta": 0.0}),
+                              cfg_multiplier=1 / 12.5),
     "PLMS": SamplerInfo(extra.sample_plms, ("plms",), "DDIM"),
     "UniPC": SamplerInfo(extra.sample_unipc, ("unipc",),
                          options=MappingProxyType({"order": 3, "variant": "bh1", "lower_order_final": True})),
