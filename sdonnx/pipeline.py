@@ -542,8 +542,6 @@ def _check_sampler_options(sampler, options):
     import inspect
 
     params = inspect.signature(SAMPLERS[sampler]).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return  # a thin wrapper passing options on; the sampler it calls checks them
     accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("noise_sampler", "callback")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

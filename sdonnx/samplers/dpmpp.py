@@ -125,9 +125,10 @@ def sample_dpmpp_2m_sde(denoise, x, sigmas, *, noise_sampler=None, callback=None
     return x
 
 
-def sample_dpmpp_2m_sde_heun(denoise, x, sigmas, **options):
+def sample_dpmpp_2m_sde_heun(denoise, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2M) SDE with the Heun correction (A1111 "DPM++ 2M SDE Heun")."""
-    return sample_dpmpp_2m_sde(denoise, x, sigmas, solver_type="heun", **options)
+    return sample_dpmpp_2m_sde(denoise, x, sigmas, noise_sampler=noise_sampler, callback=callback, eta=eta,
+                               s_noise=s_noise, solver_type="heun")
 
 
 def sample_dpmpp_3m_sde(denoise, x, sigmas, *, noise_sampler=None, callback=None, eta=1.0, s_noise=1.0):
