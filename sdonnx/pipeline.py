@@ -13,7 +13,7 @@ from PIL import Image
 
 from . import __version__
 from .adapters.lora import Loras, lora_requests
-from .adapters.textual_inversion import EmbeddingDatabase
+from .adapters.textual_inversion import EmbeddingDatabase, embedding_parts
 from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
@@ -76,9 +76,12 @@ class Pipeline:
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
         self.tokenizer = self.tokenizers[manifest.text_encoders[0].component]
-        # textual inversion: a folder the user names must exist; the default one may be absent
+        # textual inversion: a folder the user names must exist; the default one may be absent. The encoders
+        # share CLIP's BPE vocabulary, so the first tokenizer finds the names for all of them
+        parts = embedding_parts(t.component for t in manifest.text_encoders)
         self.embeddings = EmbeddingDatabase(embeddings_dir or DEFAULT_EMBEDDINGS_DIR, self.tokenizer,
-                                            required=embeddings_dir is not None)
+                                            required=embeddings_dir is not None,
+                                            widths={p: t.hidden_size for p, t in zip(parts, manifest.text_encoders)})
         ns = manifest.noise_schedule
         self.model_sigmas = model_sigmas(betas_from_config(ns.beta_start, ns.beta_end, ns.beta_schedule,
                                                            ns.num_train_timesteps))
@@ -146,11 +149,11 @@ class Pipeline:
         (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis)."""
         self.embeddings.refresh()
         m = self.manifest
-        # textual inversion: one-encoder models only for now (SDXL files hold clip_l / clip_g parts)
-        embeddings = self.embeddings if len(m.text_encoders) == 1 else None
-        encoders = [PromptEncoder(self.tokenizers[t.component], self._component(t.component), embeddings,
-                                  clip_skip=clip_skip, emphasis=check_emphasis(emphasis), pooled=t.pooled is not None)
-                    for t in m.text_encoders]
+        parts = embedding_parts(t.component for t in m.text_encoders)  # SDXL: each encoder its part of a file
+        encoders = [PromptEncoder(self.tokenizers[t.component], self._component(t.component), self.embeddings,
+                                  clip_skip=clip_skip, emphasis=check_emphasis(emphasis), pooled=t.pooled is not None,
+                                  embedding_part=part)
+                    for t, part in zip(m.text_encoders, parts)]
         # a UNet with added conditions takes entries that carry the pooled output (and later the time ids)
         encoder = JointPromptEncoder(encoders, m.force_zeros_for_empty_prompt) if m.has_added_conditions else encoders[0]
         conditioning = encode_prompt(encoder, prompt, negative_prompt, steps, guidance=guidance)

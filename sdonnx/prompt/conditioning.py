@@ -72,7 +72,7 @@ def tokenize_line(line, tokenizer, embeddings=None, emphasis="Original", backtra
                 cur.weights.append(weight)
                 pos += 1
                 continue
-            n = len(embedding.vectors)
+            n = embedding.num_vectors
             if len(cur.ids) + n > CHUNK:
                 cur, last_comma = close(cur), -1
             cur.fixes.append((len(cur.ids), embedding))
@@ -85,10 +85,15 @@ def tokenize_line(line, tokenizer, embeddings=None, emphasis="Original", backtra
 
 
 class PromptEncoder:
-    """Texts -> [T, D] conditioning per text, A1111 style. Records the embeddings it used."""
+    """Texts -> [T, D] conditioning per text, A1111 style. Records the embeddings it used.
 
-    def __init__(self, tokenizer, text_encoder, embeddings=None, clip_skip=1, emphasis="Original", pooled=False):
+    embedding_part: which part of a multi-part embedding this encoder takes (SDXL: "clip_l" or "clip_g";
+    None: one-tensor embeddings, SD 1.x/2.x)."""
+
+    def __init__(self, tokenizer, text_encoder, embeddings=None, clip_skip=1, emphasis="Original", pooled=False,
+                 embedding_part=None):
         self.tokenizer, self.text_encoder, self.embeddings = tokenizer, text_encoder, embeddings
+        self.embedding_part = embedding_part
         self.clip_skip, self.emphasis = clip_skip, check_emphasis(emphasis)
         self.used = {}  # embedding name -> Embedding, in order of first use
         # pooled: also keep each text's pooled output, from its first chunk and before emphasis (A1111)
@@ -131,9 +136,9 @@ class PromptEncoder:
         embeds = self.text_encoder.embed(ids).astype(np.float32, copy=True)
         for b, chunk in enumerate(batch):
             for offset, embedding in chunk.fixes:
-                embedding.check_width(embeds.shape[-1])
-                n = min(len(embedding.vectors), embeds.shape[1] - offset - 1)
-                embeds[b, offset:offset + n] = embedding.vectors[:n]
+                vectors = embedding.vectors_for(self.embedding_part, embeds.shape[-1])
+                n = min(len(vectors), embeds.shape[1] - offset - 1)
+                embeds[b, offset:offset + n] = vectors[:n]
                 self.used.setdefault(embedding.name, embedding)
         if self.pooled is not None:
             return self.text_encoder(ids, clip_skip=self.clip_skip, inputs_embeds=embeds, pooled=True)
