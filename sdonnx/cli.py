@@ -146,8 +146,11 @@ def main(verbose):
 @click.option("--device-id", default=0, show_default=True, type=int)
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--lowmem", is_flag=True, help="Create each stage's session when needed and free it after "
-              "(less memory, slower; A1111's --medvram idea).")
+@click.option("--lowmem/--no-lowmem", default=None,
+              help="Create each stage's session when needed and free it after (A1111's --medvram idea): peak "
+                   "memory follows the largest model, not all of them. Default: on for a single batch, where "
+                   "every session is created once either way, so it costs nothing; off for --batch-count > 1, "
+                   "where it would re-create the UNet and VAE sessions per batch.")
 @_image_options
 def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
              batch_size, batch_count, clip_skip, emphasis, embeddings_dir, rng, provider, device_id, lora_dir, outdir,
@@ -157,6 +160,8 @@ def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, schedule
     from .pipeline import Pipeline
 
     try:
+        if lowmem is None:
+            lowmem = batch_count == 1
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir)
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,

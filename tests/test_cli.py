@@ -72,6 +72,36 @@ def test_bad_input_is_one_line_and_nonzero(tiny_onnx, tmp_path, args, message):
     assert not (tmp_path / "out").exists() and not list((tmp_path / "empty").iterdir())
 
 
+@pytest.mark.parametrize("flags, batches, lowmem", [([], 1, True), ([], 2, False), (["--no-lowmem"], 1, False),
+                                                     (["--lowmem"], 2, True)])
+def test_generate_frees_finished_stages_for_a_single_batch(tiny_onnx, tmp_path, monkeypatch, flags, batches, lowmem):
+    """One batch creates every session once either way, so the CLI frees each stage's session after it
+    (peak memory = the largest model); several batches keep them, unless asked."""
+    from sdonnx.pipeline import Pipeline
+
+    loaded, released = [], []
+    original_load, original_release = Pipeline.load.__func__, Pipeline._release
+
+    def load(cls, *args, **kwargs):
+        pipe = original_load(cls, *args, **kwargs)
+        loaded.append(pipe)
+        return pipe
+
+    def release(self, *names):
+        before = {k[0] for k in self._components}
+        original_release(self, *names)
+        released.extend(before - {k[0] for k in self._components})
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    monkeypatch.setattr(Pipeline, "_release", release)
+    code, out, err = run("generate", "-m", tiny_onnx("sd1"), "a cat", "--steps", 1, "-W", 64, "-H", 64,
+                         "--batch-count", batches, "-o", tmp_path, *flags)
+    assert code == 0, err
+    assert len(out.split()) == batches and [p.lowmem for p in loaded] == [lowmem]
+    assert ("unet" in released) == lowmem and ("text_encoder" in released) == lowmem
+    assert not lowmem or not loaded[0]._components  # every session freed at the end
+
+
 def test_import_sdonnx_stays_torch_free():
     code = ("import sys, sdonnx, sdonnx.pipeline, sdonnx.cli, sdonnx.samplers; "
             "bad = [m for m in ('torch', 'transformers', 'diffusers', 'converters', 'onnxruntime') if m in sys.modules]; "
