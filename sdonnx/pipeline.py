@@ -58,6 +58,10 @@ class GenerationResult:
         return self.infotexts[0] if self.infotexts else ""
 
 
+def _existing(folder):
+    return folder if folder is not None and folder.is_dir() else None
+
+
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
@@ -424,7 +428,9 @@ class Pipeline:
         if not isinstance(refiner, Pipeline):
             key = str(Path(refiner).resolve())
             if key not in self._refiners:
-                self._refiners[key] = Pipeline(refiner, load_manifest(refiner), self.plan, lowmem=self.lowmem)
+                # the refiner reads the same LoRA and embedding folders as the base model
+                self._refiners[key] = Pipeline(refiner, load_manifest(refiner), self.plan, lowmem=self.lowmem,
+                                               lora_dir=self.lora_dir, embeddings_dir=_existing(self.embeddings.folder))
             refiner = self._refiners[key]
         r, m = refiner.manifest, self.manifest
         if (r.latent_channels, r.vae_scale_factor) != (m.latent_channels, m.vae_scale_factor):

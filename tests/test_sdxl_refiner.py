@@ -73,3 +73,13 @@ def test_refiner_switch_matches_torch(models):
     alone = pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="Karras", seed=1,
                           latents=latents).images
     assert np.abs(np.asarray(alone[0], np.int16) - np.asarray(result.images[0], np.int16)).max() > 5
+
+
+def test_refiner_reads_the_base_models_lora_and_embedding_folders(models, tmp_path):
+    """The refiner pass must understand the same <lora:...> tags and embedding names as the base pass."""
+    _, base_dir, _, refiner_dir = models
+    (tmp_path / "emb").mkdir()
+    pipe = Pipeline.load(base_dir, provider="cpu", lora_dir=tmp_path / "lora", embeddings_dir=tmp_path / "emb")
+    pipe.generate(PROMPT, steps=2, sampler="Euler", seed=1, refiner=refiner_dir, refiner_switch_at=0.5)
+    (refiner,) = pipe._refiners.values()
+    assert refiner.lora_dir == tmp_path / "lora" and refiner.embeddings.folder == tmp_path / "emb"

@@ -62,6 +62,8 @@ def models_root(request, tmp_path_factory):
               metadata={"ss_output_name": "add_detail"})
     (root / "embeddings").mkdir()
     save_file({"emb_params": np.zeros((2, 32), np.float32)}, root / "embeddings" / "bad-hands.safetensors")
+    save_file({"clip_l": np.zeros((3, 768), np.float32), "clip_g": np.zeros((3, 1280), np.float32)},
+              root / "embeddings" / "xl-style.safetensors")
     return root
 
 
@@ -214,7 +216,9 @@ def test_lists_and_options(client, models_root):
     assert [m["model_name"] for m in models] == ["tiny-sd1"]
     assert client.get(f"{API}/loras").json()[0] | {"path": None} == {
         "name": "detail", "alias": "add_detail", "path": None, "metadata": {"ss_output_name": "add_detail"}}
-    assert client.get(f"{API}/embeddings").json()["loaded"]["bad-hands"]["vectors"] == 2
+    embeddings = client.get(f"{API}/embeddings").json()["loaded"]
+    assert embeddings["bad-hands"]["vectors"] == 2 and embeddings["bad-hands"]["shape"] == 32
+    assert (embeddings["xl-style"]["vectors"], embeddings["xl-style"]["shape"]) == (3, 2048)  # A1111: summed width
     options = client.get(f"{API}/options").json()
     assert options["sd_model_checkpoint"] == models[0]["title"]
     assert client.post(f"{API}/options", json={"sd_model_checkpoint": "tiny-sd1", "foo": 1}).status_code == 200

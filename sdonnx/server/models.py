@@ -98,8 +98,12 @@ class ModelStore:
         for path in _files(self.embedding_dirs):
             shape, vectors = None, None
             if path.suffix == ".safetensors":
-                shapes = [v["shape"] for k, v in _safetensors_header(path).items() if k != "__metadata__"]
-                if shapes and len(shapes[0]) == 2:
+                tensors = {k: v["shape"] for k, v in _safetensors_header(path).items() if k != "__metadata__"}
+                shapes = list(tensors.values())
+                if {"clip_l", "clip_g"} <= set(tensors) and all(len(tensors[k]) == 2 for k in ("clip_l", "clip_g")):
+                    # SDXL: one embedding with a part per text encoder; A1111 reports the summed width
+                    vectors, shape = tensors["clip_l"][0], tensors["clip_l"][1] + tensors["clip_g"][1]
+                elif shapes and len(shapes[0]) == 2:
                     vectors, shape = shapes[0]
             loaded[path.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                  "shape": shape, "vectors": vectors}
