@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+ALIGN = 64 * 1024  # external tensors of this size or more start at multiples of it (memory-mappable)
 
 
 class ParityError(RuntimeError):
@@ -34,12 +35,51 @@ def export_component(spec, outdir, opset=OPSET):
             # unfolded and named: run-time LoRA replaces initializers by their checkpoint names
             do_constant_folding=False, export_params=True,
         )
-        model = onnx.load(str(raw), load_external_data=True)
-    _check_io(model, names, spec.name)
-    path = target / MODEL_FILE
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=0)
+        model = onnx.load(str(raw), load_external_data=False)
+        _check_io(model, names, spec.name)
+        path = target / MODEL_FILE
+        save_with_external_data(model, path, Path(tmp))
     return path
+
+
+def save_with_external_data(model, path, source_dir=None):
+    """Save `model` with every initializer in one `model.onnx.data` beside it, tensor by tensor.
+
+    Initializers may hold their bytes in the proto or refer to files in source_dir (torch writes one file
+    per tensor for graphs over 2 GB): nothing holds a second copy of all weights, so a 10 GB SDXL UNet is
+    re-packed in the memory of its largest tensor. Tensors of 64 KiB and more start at 64 KiB offsets,
+    so ONNX Runtime can memory-map them (page size on Linux, allocation granularity on Windows) instead
+    of copying them at session creation.
+    """
+    from onnx.external_data_helper import ExternalDataInfo
+
+    path = Path(path)
+    with open(path.parent / DATA_FILE, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                with open(Path(source_dir) / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    blob = f.read(info.length) if info.length else f.read()
+                del tensor.external_data[:]
+            elif tensor.HasField("raw_data"):
+                blob = tensor.raw_data
+            else:  # typed fields (float_data, int64_data, ...)
+                blob = numpy_helper.to_array(tensor).tobytes()
+            offset = data.tell()
+            if len(blob) >= ALIGN:
+                offset = -(-offset // ALIGN) * ALIGN
+                data.seek(offset)
+            data.write(blob)
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            for key, value in (("location", DATA_FILE), ("offset", offset), ("length", len(blob))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        data.truncate()
+    onnx.save_model(model, str(path))
 
 
 def _check_io(model, names, component):
@@ -65,9 +105,11 @@ def weight_map(spec, onnx_path):
              for k, v in spec.wrapper.state_dict().items()}
     mapping = {name: spec.weight_prefix + name for name in state if spec.weight_prefix + name in init_names}
     missing = [n for n in state if n not in mapping]
-    if missing:
-        model = onnx.load(str(onnx_path), load_external_data=True)
-        by_digest = {_digest(numpy_helper.to_array(i)): i.name for i in model.graph.initializer}
+    if missing:  # one initializer in memory at a time
+        from sdonnx.adapters.onnx_weights import OnnxWeights
+
+        weights = OnnxWeights(onnx_path)
+        by_digest = {_digest(weights.read(init)): init for init in weights.names()}
         for name in missing:
             found = by_digest.get(_digest(state[name].detach().cpu().numpy()))
             if found:
@@ -82,16 +124,22 @@ def parity_check(spec, onnx_path, tolerance):
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for inputs in [spec.example, *spec.check]:
+    cases = []
+    for inputs in [spec.example, *spec.check]:  # torch first: its activations are gone before ORT loads
         with torch.no_grad():
             expected = spec.wrapper(*inputs)
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        cases.append((inputs, [e.numpy() for e in (expected if isinstance(expected, (tuple, list)) else (expected,))]))
+    # the graph as exported, with ONNX Runtime's own rewrites off: the check is about the export, and
+    # unrewritten weights stay memory-mapped from the aligned data file instead of being copied beside
+    # the torch module (a 10 GB SDXL UNet would otherwise be held twice)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for inputs, expected in cases:
         feeds = {name: t.numpy() for name, t in zip(spec.contract.inputs, inputs)}
         actual = session.run(list(spec.contract.outputs), feeds)
         for name, a, e in zip(spec.contract.outputs, actual, expected):
-            e = e.numpy()
             err = float(np.abs(a.astype(np.float64) - e).max())
             scale = max(1.0, float(np.abs(e).max()))
             log.info("%s.%s %s: max abs err %.3g (scale %.3g)", spec.name, name, a.shape, err, scale)

@@ -94,15 +94,20 @@ def derive(base_path, component, plan, num_heads=0, out_dir=None):
     target = Path(out_dir or base_path.parent) / "optimized" / MODEL_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     if plan.quantize and component in QUANTIZE_COMPONENTS:
-        _quantize_int8(model, target)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            source = Path(tmp) / MODEL_FILE
+            _save(model, source)
+            del model  # the quantizer loads its own copies: a full-size UNet peaks at ~10 GB on its own
+            _quantize_int8(source, target)
     else:
         _save(model, target)
     return target, fused
 
 
 def _save(model, path):
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    from .export import save_with_external_data
+
+    save_with_external_data(model, path)
 
 
 def fold_weight_transposes(model):
@@ -162,18 +167,15 @@ def _too_big_for_shape_inference(model):
     return sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000
 
 
-def _quantize_int8(model, target):
+def _quantize_int8(source, target):
     """Dynamic int8 quantization of the MatMuls (weights int8 per channel, activations quantized per call).
 
     Convolutions stay fp32: ONNX Runtime's dynamic ConvInteger on the CPU is slower than its fp32 conv."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / MODEL_FILE
-        _save(model, source)
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Attention"],
-                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Attention"],
+                     per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def attention_heads(spec):

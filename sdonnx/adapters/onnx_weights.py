@@ -117,6 +117,13 @@ class OnnxWeights:
         t = self._index[name]
         return t.shape, np.dtype(_dtype(t, self.path))
 
+    def names(self):
+        return list(self._index)
+
+    def read(self, name):
+        """The initializer as a fresh array, not kept (for one pass over all weights)."""
+        return self._read(self._index[name])
+
     def get(self, name):
         if name not in self._cache:
             array = self._read(self._index[name])
