@@ -25,6 +25,7 @@ from .prompt import extract_networks
 from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
+from .runtime.session import return_freed_memory
 from .samplers import SAMPLER_INFO, SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
 from .text.tokenizer import ClipTokenizer
 
@@ -206,8 +207,11 @@ class Pipeline:
     def _release(self, *names):
         """lowmem: drop the sessions of a finished stage so peak memory follows the largest component."""
         if self.lowmem:
-            for key in [k for k in self._components if k[0] in names]:
+            dropped = [k for k in self._components if k[0] in names]
+            for key in dropped:
                 del self._components[key]
+            if dropped:
+                return_freed_memory()
 
     # ------------------------------------------------------------------ generate
 

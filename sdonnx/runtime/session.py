@@ -1,6 +1,9 @@
 """One wrapper around onnxruntime.InferenceSession: feeds validated, dtypes cast, outputs as float32."""
+import ctypes
+import gc
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,20 @@ def physical_cores():
     except OSError:
         pass
     return len(cores) or max(1, (os.cpu_count() or 2) // 2)
+
+
+def return_freed_memory():
+    """Hand memory freed by dropped sessions back to the OS. glibc keeps freed heap blocks for reuse, and
+    most of a UNet's weights are blocks below its mmap threshold: without a trim, the process's resident
+    memory after dropping the UNet session stays as high as with it (measured: 3.7 GB kept on SD 1.5).
+    A no-op where the C library has no malloc_trim (macOS, Windows, musl)."""
+    gc.collect()  # a session held only by reference cycles (sampler closures) goes now, not at some later gc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def session_options(plan):
