@@ -152,7 +152,9 @@ def _detect_sdxl(state_dict, metadata):
 def load_components(state_dict, guess, prediction=None) -> dict:
     """text_encoder, unet, vae (fp32, eval), tokenizer and scheduler_config for a detected checkpoint.
 
-    prediction overrides guess.prediction; when both are None the UNet is probed.
+    prediction overrides guess.prediction; when both are None the UNet is probed. state_dict is consumed
+    (left empty): each part's tensors are dropped once its module is built, so a half-precision SDXL file
+    never sits in memory beside all of its fp32 modules.
     """
     prediction = prediction or guess.prediction
     if prediction not in PREDICTIONS + (None,):
@@ -160,16 +162,17 @@ def load_components(state_dict, guess, prediction=None) -> dict:
     if guess.family in SDXL_BIGG_PREFIX:
         return _load_sdxl(state_dict, guess, prediction or guess.prediction)
     converted = convert(state_dict, guess)
-    unet = _build_unet(converted["unet"], guess.family)
+    state_dict.clear()  # the converted dicts hold what is still needed: each goes once its module is built
+    unet = _build_unet(converted.pop("unet"), guess.family)
     if prediction is None:
         prediction = "v_prediction" if probe_v_prediction(unet) else "epsilon"
         logger.info("SD 2 prediction type from the UNet probe: %s", prediction)
     hi_res = guess.family == "sd2" and prediction == "v_prediction"  # the 768-v models
     unet.register_to_config(sample_size=96 if hi_res else 64)
     return {
-        "text_encoder": _build_text_encoder(converted["text_encoder"], guess.family),
+        "text_encoder": _build_text_encoder(converted.pop("text_encoder"), guess.family),
         "unet": unet,
-        "vae": _build_vae(converted["vae"], sample_size=768 if hi_res else 512),
+        "vae": _build_vae(converted.pop("vae"), sample_size=768 if hi_res else 512),
         "tokenizer": make_tokenizer(guess.family),
         "scheduler_config": scheduler_config(prediction),
     }
@@ -181,7 +184,9 @@ def _load_sdxl(state_dict, guess, prediction):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     converted = convert(state_dict, guess)
-    big_g = converted["text_encoder_2"]
+    state_dict.clear()  # as load_components: peak memory = half-precision file + the fp32 UNet, not both whole
+    unet_sd = converted.pop("unet")
+    big_g = converted.pop("text_encoder_2")
     config = text_encoder_config(big_g, "sdxl")
     config["projection_dim"] = int(big_g["text_projection.weight"].shape[0])
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
@@ -189,9 +194,10 @@ def _load_sdxl(state_dict, guess, prediction):
         big_g = {k.removeprefix("text_model."): v for k, v in big_g.items()}
     else:
         big_g = {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in big_g.items()}
-    unet = _build_unet(converted["unet"], guess.family, pooled_dim=config["projection_dim"])
+    unet = _build_unet(unet_sd, guess.family, pooled_dim=config["projection_dim"])
+    del unet_sd
     unet.register_to_config(sample_size=SDXL_SAMPLE_SIZE)
-    vae = _build_vae(converted["vae"], sample_size=SDXL_SAMPLE_SIZE * 8)
+    vae = _build_vae(converted.pop("vae"), sample_size=SDXL_SAMPLE_SIZE * 8)
     vae.register_to_config(scaling_factor=SDXL_VAE_SCALING_FACTOR)
     first = converted.get("text_encoder")
     return {
@@ -431,7 +437,8 @@ def _added_embedding_config(converted, family, pooled_dim):
 def _build_unet(converted, family, pooled_dim=None):
     from diffusers import UNet2DConditionModel
 
-    return _load_strict(UNet2DConditionModel(**unet_config(converted, family, pooled_dim)), converted, "UNet")
+    config = unet_config(converted, family, pooled_dim)
+    return _load_assigned(lambda: UNet2DConditionModel(**config), converted, "UNet")
 
 
 def _has(state_dict, prefix):
@@ -466,7 +473,7 @@ def _build_vae(converted, sample_size):
 
 # --- shared --------------------------------------------------------------------------------------------
 
-def _load_strict(model, converted, what):
+def _load_strict(model, converted, what, assign=False):
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
     if missing or unexpected:
@@ -475,10 +482,26 @@ def _load_strict(model, converted, what):
             f"missing {len(missing)} {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
         )
     try:
-        model.load_state_dict(converted, strict=True)
+        model.load_state_dict(converted, strict=True, assign=assign)
     except RuntimeError as e:  # shape mismatch
         raise CheckpointError(f"{what} weights do not fit the inferred architecture: {e}") from e
     return model.float().eval()
+
+
+def _load_assigned(factory, converted, what):
+    """factory() built on the meta device, its parameters then taken from `converted` as they are: no
+    random initialization and, for fp32 files, no copy (an SDXL UNet is 10 GB in fp32). Falls back to a
+    normal build when the module made state outside its state dict (a meta tensor would be left)."""
+    import itertools
+
+    import torch
+
+    with torch.device("meta"):
+        model = factory()
+    model = _load_strict(model, converted, what, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return _load_strict(factory(), converted, what)
+    return model
 
 
 def _tensor_id(tensor):
