@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PROMPT = "a photograph of an astronaut riding a horse"
-ENGINES = ("diffusers", "sdonnx-base", "sdonnx-opt", "sdonnx-int8")
+ENGINES = ("diffusers", "sdonnx-base", "sdonnx-opt", "sdonnx-cli", "sdonnx-int8", "optimum")
 
 
 # ---------------------------------------------------------------- the model (random weights, real shapes)
@@ -92,7 +92,7 @@ def prepare(work, sizes, log, want_int8=True):
         meta["convert_s"] = time.perf_counter() - t
         meta_path.write_text(json.dumps(meta, indent=1))
     int8 = work / "int8-unet" / "optimized" / "model.onnx"
-    # quantizing the full-size UNet needs more than 22 GB here (OOM-killed on the 24 GB machine): opt-in
+    # the quantizer alone peaks at ~10 GB for the full-size UNet
     if want_int8 and not int8.is_file():
         from converters.optimize import Plan, derive
 
@@ -102,9 +102,14 @@ def prepare(work, sizes, log, want_int8=True):
     return diffusers_dir, onnx_dir, int8
 
 
+def optimum_dir(work):
+    """optimum's own export of the same diffusers folder (made by bench/optimum_engine.py's instructions)."""
+    return work / "optimum-onnx"
+
+
 def variant_folder(onnx_dir, work, engine, int8):
     """A model folder for one sdonnx level: symlinks to the converted files and its own manifest."""
-    level = engine.split("-", 1)[1]
+    level = {"cli": "base"}.get(engine.split("-", 1)[1], engine.split("-", 1)[1])
     folder = work / f"model-{level}"
     folder.mkdir(exist_ok=True)
     for entry in onnx_dir.iterdir():
@@ -154,21 +159,25 @@ def child(args):
                 return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.0, height=args.size,
                             width=args.size, generator=torch.Generator().manual_seed(1), output_type="np").images
     else:
-        from sdonnx.pipeline import Pipeline
         from sdonnx.runtime import session as session_mod
 
-        pipe = Pipeline.load(args.model, provider="cpu")
         run = session_mod.Session.run
         session_mod.Session.run = lambda self, *a, **k: timed(self.name, lambda: run(self, *a, **k))()
+        if args.engine == "sdonnx-cli":
+            return cli_child(args, timings)
+        from sdonnx.pipeline import Pipeline
+
+        pipe = Pipeline.load(args.model, provider="cpu")
 
         def generate():
             return pipe.generate(PROMPT, steps=args.steps, cfg_scale=7.0, sampler="Euler", seed=1,
                                  width=args.size, height=args.size).images
 
     t = time.perf_counter()
-    generate()
+    images = generate()
     first_image = time.time() - t0
     cold_s = time.perf_counter() - t
+    save_image(args, images[0])
     timings.clear()
     t = time.perf_counter()
     generate()
@@ -184,9 +193,80 @@ def child(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(engine, model, size, steps, log):
-    cmd = [sys.executable, __file__, "--child", engine, "--model", str(model), "--size", str(size),
-           "--steps", str(steps), "--t0", "T0"]
+def save_image(args, image):
+    """The engine's first image as uint8 [H, W, 3] in --work/images, for the PSNR between engines."""
+    import numpy as np
+
+    array = np.asarray(image)
+    if array.dtype != np.uint8:  # diffusers' output_type="np": floats in [0, 1]
+        array = (array * 255).round().clip(0, 255).astype(np.uint8)
+    Path(args.images).mkdir(parents=True, exist_ok=True)
+    np.save(Path(args.images) / f"{args.engine}-{args.size}.npy", array)
+
+
+def cli_child(args, timings):
+    """What one `sdonnx generate` call pays: the CLI in this fresh process, one image. It frees each
+    stage's session after use (its default for a single batch), so its peak RSS is the largest model's."""
+    from sdonnx.cli import main as cli
+
+    t = time.perf_counter()
+    cli(["generate", "-m", str(args.model), PROMPT, "--steps", str(args.steps), "--cfg-scale", "7", "--sampler",
+         "Euler", "--seed", "1", "-W", str(args.size), "-H", str(args.size), "-o", str(Path(args.images) / "cli")],
+        standalone_mode=False)
+    first_image = time.time() - args.t0
+    cold_s = time.perf_counter() - t
+    unet = timings.get("unet", [])
+    inside = sum(sum(v) for v in timings.values())
+    result = {"engine": args.engine, "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
+              "first_generate_s": cold_s, "generate_s": None, "unet_step_s": sum(unet) / max(1, len(unet)),
+              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
+              "vae_decode_s": sum(timings.get("vae_decoder", [])),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "outside_model_calls_s": None, "session_and_outside_s": cold_s - inside,
+              "load_avg_1m": os.getloadavg()[0]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def int8_cost(onnx_dir, work, int8, size, log):
+    """The int8 UNet against the fp32 one it was derived from (sdonnx-opt), on the same inputs: relative
+    error ||int8 - fp32|| / ||fp32|| of the UNet output at three noise levels (real text-encoder context,
+    CFG batch of 2), and the PSNR of the two engines' images of the same seed (from the benchmark runs)."""
+    import numpy as np
+
+    from sdonnx.pipeline import Pipeline
+
+    fp32 = Pipeline.load(variant_folder(onnx_dir, work, "sdonnx-opt", int8), provider="cpu")
+    quant = Pipeline.load(variant_folder(onnx_dir, work, "sdonnx-int8", int8), provider="cpu")
+    conditioning, _ = fp32.encode_prompts(PROMPT, "")
+    cond, uncond = conditioning.at(0)
+    context = np.concatenate([uncond, cond])
+    rng = np.random.default_rng(0)
+    errors = {}
+    for t in (999, 500, 100):
+        sigma = float(fp32.model_sigmas[t])
+        sample = rng.standard_normal((2, 4, size // 8, size // 8)).astype(np.float32) * sigma / (sigma**2 + 1) ** 0.5
+        a = fp32._component("unet")(sample, [t, t], context)
+        b = quant._component("unet")(sample, [t, t], context)
+        errors[str(t)] = float(np.linalg.norm(b - a) / np.linalg.norm(a))
+    result = {"size": size, "unet_rel_error_by_timestep": errors}
+    images = work / "images"
+    if (images / f"sdonnx-int8-{size}.npy").is_file() and (images / f"sdonnx-opt-{size}.npy").is_file():
+        x = np.load(images / f"sdonnx-int8-{size}.npy").astype(np.float64)
+        y = np.load(images / f"sdonnx-opt-{size}.npy").astype(np.float64)
+        mse = float(np.mean((x - y) ** 2))
+        result["image_psnr_db"] = float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    log(f"int8 cost {size}px: {result}")
+    return result
+
+
+def run_child(engine, model, size, steps, log, work=Path("/tmp/sdonnx-bench")):
+    python, script = sys.executable, __file__
+    if engine == "optimum":  # its own virtual environment: optimum pins older transformers/diffusers
+        from optimum_engine import optimum_python
+
+        python, script = optimum_python(), str(ROOT / "bench" / "optimum_engine.py")
+    cmd = [python, script, "--child", engine, "--model", str(model), "--size", str(size),
+           "--steps", str(steps), "--images", str(work / "images"), "--t0", "T0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     load = os.getloadavg()[0]
     cmd[-1] = repr(time.time())
@@ -233,9 +313,12 @@ def table(results, machine, flops):
         ref = next((d for d in results if d["engine"] == "diffusers" and d["size"] == r["size"]), None)
 
         def x(key):
+            if r.get(key) is None:
+                return "-"
             return f"{r[key]:.2f} ({r[key] / ref[key]:.2f}x)" if ref else f"{r[key]:.2f}"
         unet_pct = 100 * flops[str(r["size"])] / r["unet_step_s"] / machine["peak_flops"]
-        outside = "-" if r["engine"] == "diffusers" else f"{100 * r['outside_model_calls_s'] / r['generate_s']:.1f}"
+        outside = ("-" if r["engine"] == "diffusers" or r.get("outside_model_calls_s") is None
+                   else f"{100 * r['outside_model_calls_s'] / r['generate_s']:.1f}")
         rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" + (f" ({r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x)" if ref else "")
         rows.append(f"| {r['engine']} | {r['size']} | {x('unet_step_s')} | {r['text_encoder_s']:.2f} | "
                     f"{r['vae_decode_s']:.2f} | {x('generate_s')} | {x('time_to_first_image_s')} | {rss} | "
@@ -252,6 +335,7 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdonnx-bench"))
     parser.add_argument("--child", choices=ENGINES)
     parser.add_argument("--model"), parser.add_argument("--size", type=int), parser.add_argument("--t0", type=float)
+    parser.add_argument("--images", type=Path)
     args = parser.parse_args()
     if args.child:
         args.engine = args.child
@@ -268,17 +352,37 @@ def main():
     import torch
 
     machine.update(onnxruntime=onnxruntime.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads())
-    results = []
+    sys.path.insert(0, str(ROOT / "bench"))
+    from optimum_engine import optimum_python
+
+    engines = list(args.engines)
+    if "optimum" in engines and not (optimum_python() and optimum_dir(args.work).is_dir()):
+        log("optimum: no optimum virtual environment or export (see bench/README.md): skipped")
+        engines.remove("optimum")
+    results, int8_costs = [], []
     out = RESULTS / f"cpu-{time.strftime('%Y%m%d-%H%M')}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps({"machine": machine, "unet_flops": meta["unet_flops"],
+                                   "convert_s": meta.get("convert_s"), "results": results,
+                                   "int8_cost": int8_costs}, indent=1))
     for _ in range(args.repeats):
         for size in args.sizes:
-            for engine in args.engines:
-                model = diffusers_dir if engine == "diffusers" else variant_folder(onnx_dir, args.work, engine, int8)
-                results.append(run_child(engine, model, size, args.steps, log))
-                out.write_text(json.dumps({"machine": machine, "unet_flops": meta["unet_flops"],
-                                           "convert_s": meta.get("convert_s"), "results": results}, indent=1))
+            for engine in engines:
+                model = {"diffusers": diffusers_dir, "optimum": optimum_dir(args.work)}.get(engine) \
+                    or variant_folder(onnx_dir, args.work, engine, int8)
+                results.append(run_child(engine, model, size, args.steps, log, args.work))
+                save()
+    if "sdonnx-int8" in engines:
+        for size in args.sizes:
+            int8_costs.append(int8_cost(onnx_dir, args.work, int8, size, log))
+        save()
     print(table(results, machine, meta["unet_flops"]))
+    for cost in int8_costs:
+        errors = ", ".join(f"t={t}: {e:.3f}" for t, e in cost["unet_rel_error_by_timestep"].items())
+        print(f"\nint8 UNet at {cost['size']}px: relative error vs fp32 {errors}; image PSNR vs sdonnx-opt "
+              f"{cost.get('image_psnr_db', float('nan')):.1f} dB")
     print(f"\n{machine['cpu']}, {machine['physical_cores']} cores x {machine['ghz']:.2f} GHz x "
           f"{machine['flops_per_cycle']} FLOP/cycle ({machine['isa']}) = {machine['peak_flops'] / 1e9:.0f} GFLOP/s fp32 peak; "
           f"results in {out.relative_to(ROOT)}")
