@@ -238,8 +238,9 @@ def int8_cost(onnx_dir, work, int8, size, log):
     fp32 = Pipeline.load(variant_folder(onnx_dir, work, "sdonnx-opt", int8), provider="cpu")
     quant = Pipeline.load(variant_folder(onnx_dir, work, "sdonnx-int8", int8), provider="cpu")
     conditioning, _ = fp32.encode_prompts(PROMPT, "")
-    cond, uncond = conditioning.at(0)
-    context = np.concatenate([uncond, cond])
+    uncond, conds = conditioning.at(0)
+    u, c = np.asarray(uncond, np.float32), np.asarray(conds[0][0], np.float32)
+    context = np.concatenate([u, c]) if u.ndim == 3 else np.stack([u, c])
     rng = np.random.default_rng(0)
     errors = {}
     for t in (999, 500, 100):
