@@ -22,7 +22,9 @@ DEMO = Path(__file__).resolve().parents[1] / "models" / "demo" / "sdonnx-shapes-
 SAMPLERS = ("Euler a", "DPM++ 2M Karras")
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 NAMES = list(COLOURS)
-CASES = combos()[::8]  # 12 of the 90 (shape colour, background, shape) combinations, all colours as both
+# 30 of the 90 (shape colour, background, shape) combinations: each colour 5 times as the shape's and 5 times
+# as the background's, each shape 10 times
+CASES = [combos()[3 * i + i % 3] for i in range(30)]
 
 
 @pytest.fixture(scope="session")
@@ -72,14 +74,6 @@ def redness(image):
     return float(np.mean(pixels[:, 0] - (pixels[:, 1] + pixels[:, 2]) / 2))
 
 
-# The shipped weights come from a 58-minute run on a shared, overloaded 2-core machine (1200 UNet steps):
-# they get the shape's colour right (9-10 of 12) but not yet the background's (0-2 of 12: the UNet has
-# not learnt to bind the second colour word). Strict once the model is retrained longer.
-UNDERTRAINED = pytest.mark.xfail(strict=False, reason="demo model not trained far enough: background colour "
-                                 "ignored (0-2/12 right), shape colour 9-10/12; see models/demo/README.md")
-
-
-@UNDERTRAINED
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_pictures_match_the_prompt(demo_model, tmp_path, sampler):
     wrong = []
@@ -91,10 +85,14 @@ def test_pictures_match_the_prompt(demo_model, tmp_path, sampler):
 
 
 def test_emphasis_and_negative_prompt_move_the_colour(demo_model, tmp_path):
-    prompt, seed, cfg = "a {} circle on a white background", 0, 3.0  # cfg 7 saturates the red
-    plain = generate(demo_model, tmp_path, prompt.format("red"), seed, cfg=cfg)
-    emphasized = generate(demo_model, tmp_path, prompt.format("(red:1.4)"), seed, cfg=cfg)
-    negative = generate(demo_model, tmp_path, prompt.format("red"), seed, cfg=cfg, negative="red")
-    assert redness(emphasized) > redness(plain) + 2
-    assert redness(negative) < redness(plain) - 2
+    # low CFG and a shape the model draws less than fully red: at CFG 7, or for a circle on white, the shape is
+    # already as red as it gets and emphasis has nothing left to move (measured: +2 at CFG 1.5 on white);
+    # the mean over three seeds steadies the figures
+    prompt, cfg, seeds = "a {} triangle on a black background", 1.2, range(3)
 
+    def mean_redness(word, negative=""):
+        return np.mean([redness(generate(demo_model, tmp_path, prompt.format(word), seed, cfg=cfg, negative=negative))
+                        for seed in seeds])
+    plain, emphasized, negative = mean_redness("red"), mean_redness("(red:1.4)"), mean_redness("red", negative="red")
+    assert emphasized > plain + 2, (plain, emphasized)
+    assert negative < plain - 2, (plain, negative)
