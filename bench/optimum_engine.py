@@ -19,7 +19,6 @@ run.py (project venv) can import `optimum_python()` from it.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,22 +82,15 @@ def export(diffusers_dir, out_dir):
 # ---------------------------------------------------------------- one engine, one fresh process
 
 def child(args):
-    t0 = args.t0
-    timings = {}
-
-    def timed(key, fn):
-        def call(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                timings.setdefault(key, []).append(time.perf_counter() - t)
-        return call
-
     import torch
     from diffusers import EulerDiscreteScheduler
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
+    from run import measure, timer  # bench/run.py: the same protocol and RESULT line (standard library only)
+
+    args.engine = "optimum"
+    timings = {}
+    timed = timer(timings)
     pipe = ORTStableDiffusionPipeline.from_pretrained(args.model, provider="CPUExecutionProvider")
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -111,34 +103,7 @@ def child(args):
         return pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.0, height=args.size, width=args.size,
                     generator=torch.Generator().manual_seed(1), output_type="np").images
 
-    t = time.perf_counter()
-    images = generate()
-    first_image = time.time() - t0
-    cold_s = time.perf_counter() - t
-    if args.images:
-        save_image(args.images, args.size, images[0])
-    timings.clear()
-    t = time.perf_counter()
-    generate()
-    warm_s = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    unet = timings.get("unet", [])
-    inside = sum(sum(v) for v in timings.values())
-    result = {"engine": "optimum", "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
-              "first_generate_s": cold_s, "generate_s": warm_s, "unet_step_s": sum(unet) / max(1, len(unet)),
-              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
-              "vae_decode_s": sum(timings.get("vae_decoder", [])), "peak_rss_bytes": rss,
-              "outside_model_calls_s": warm_s - inside, "load_avg_1m": os.getloadavg()[0]}
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def save_image(folder, size, image):
-    """The first image as uint8 [H, W, 3], named like run.py's save_image: <folder>/optimum-<size>.npy."""
-    import numpy as np
-
-    array = (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)  # output_type="np": [0, 1] floats
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    np.save(Path(folder) / f"optimum-{size}.npy", array)
+    measure(args, timings, generate)
 
 
 def main():

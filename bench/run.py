@@ -131,10 +131,8 @@ def variant_folder(onnx_dir, work, engine, int8):
 
 # ---------------------------------------------------------------- one engine, one fresh process
 
-def child(args):
-    t0 = args.t0
-    timings = {}
-
+def timer(timings):
+    """timed(key, fn) -> fn that adds each call's seconds to timings[key]."""
     def timed(key, fn):
         def call(*a, **k):
             t = time.perf_counter()
@@ -143,7 +141,43 @@ def child(args):
             finally:
                 timings.setdefault(key, []).append(time.perf_counter() - t)
         return call
+    return timed
 
+
+def report(args, timings, first_image, cold_s, warm_s=None):
+    """Print the engine's RESULT line. Model-call times are those of the warm run, or of the only run when
+    there is no warm one (warm_s None: session creation and Python then share `session_and_outside_s`)."""
+    unet = timings.get("unet", [])
+    inside = sum(sum(v) for v in timings.values())
+    result = {"engine": args.engine, "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
+              "first_generate_s": cold_s, "generate_s": warm_s, "unet_step_s": sum(unet) / max(1, len(unet)),
+              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
+              "vae_decode_s": sum(timings.get("vae_decoder", [])),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "outside_model_calls_s": None if warm_s is None else warm_s - inside, "load_avg_1m": os.getloadavg()[0]}
+    if warm_s is None:
+        result["session_and_outside_s"] = cold_s - inside
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(args, timings, generate):
+    """The protocol every engine follows: one cold image (its time from process start is the time to first
+    image; the image is kept for the PSNR between engines), then one warm image for the steady-state times."""
+    t = time.perf_counter()
+    images = generate()
+    first_image = time.time() - args.t0
+    cold_s = time.perf_counter() - t
+    if args.images:
+        save_image(args, images[0])
+    timings.clear()
+    t = time.perf_counter()
+    generate()
+    report(args, timings, first_image, cold_s, time.perf_counter() - t)
+
+
+def child(args):
+    timings = {}
+    timed = timer(timings)
     if args.engine == "diffusers":
         import torch
         from diffusers import StableDiffusionPipeline
@@ -173,24 +207,7 @@ def child(args):
             return pipe.generate(PROMPT, steps=args.steps, cfg_scale=7.0, sampler="Euler", seed=1,
                                  width=args.size, height=args.size).images
 
-    t = time.perf_counter()
-    images = generate()
-    first_image = time.time() - t0
-    cold_s = time.perf_counter() - t
-    save_image(args, images[0])
-    timings.clear()
-    t = time.perf_counter()
-    generate()
-    warm_s = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    unet = timings.get("unet", [])
-    inside = sum(sum(v) for v in timings.values())
-    result = {"engine": args.engine, "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
-              "first_generate_s": cold_s, "generate_s": warm_s, "unet_step_s": sum(unet) / max(1, len(unet)),
-              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
-              "vae_decode_s": sum(timings.get("vae_decoder", [])), "peak_rss_bytes": rss,
-              "outside_model_calls_s": warm_s - inside, "load_avg_1m": os.getloadavg()[0]}
-    print("RESULT " + json.dumps(result), flush=True)
+    measure(args, timings, generate)
 
 
 def save_image(args, image):
@@ -213,18 +230,7 @@ def cli_child(args, timings):
     cli(["generate", "-m", str(args.model), PROMPT, "--steps", str(args.steps), "--cfg-scale", "7", "--sampler",
          "Euler", "--seed", "1", "-W", str(args.size), "-H", str(args.size), "-o", str(Path(args.images) / "cli")],
         standalone_mode=False)
-    first_image = time.time() - args.t0
-    cold_s = time.perf_counter() - t
-    unet = timings.get("unet", [])
-    inside = sum(sum(v) for v in timings.values())
-    result = {"engine": args.engine, "size": args.size, "steps": args.steps, "time_to_first_image_s": first_image,
-              "first_generate_s": cold_s, "generate_s": None, "unet_step_s": sum(unet) / max(1, len(unet)),
-              "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
-              "vae_decode_s": sum(timings.get("vae_decoder", [])),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "outside_model_calls_s": None, "session_and_outside_s": cold_s - inside,
-              "load_avg_1m": os.getloadavg()[0]}
-    print("RESULT " + json.dumps(result), flush=True)
+    report(args, timings, time.time() - args.t0, time.perf_counter() - t)
 
 
 def int8_cost(onnx_dir, work, int8, size, log):
