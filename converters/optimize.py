@@ -150,9 +150,63 @@ def _fuse(model, component, target, num_heads):
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     log.info("%s fused: %s", component, fused or "nothing")
     model = optimized.model
+    if target == "cpu":
+        split = split_self_attention(model)
+        if split:
+            fused["MultiHeadAttention"] = fused.get("MultiHeadAttention", 0) + split
+            fused["Attention"] = fused.get("Attention", 0) - split
+            fused = {k: v for k, v in fused.items() if v}
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused ops' domain
     return model, fused
+
+
+def split_self_attention(model):
+    """Attention(x, packed QKV weight, bias) -> three MatMuls + MultiHeadAttention(q, k, v, bias); returns
+    how many nodes were rewritten.
+
+    The fusion gives self-attention the `Attention` op, whose CPU kernel materializes the whole
+    [heads, tokens, tokens] score matrix (1 GiB per call for SD 1.5 at 512x512: 4096 tokens, batch 2);
+    the CPU kernel of MultiHeadAttention with separate Q, K, V and no mask runs MLAS's flash attention,
+    tiled to the L2 cache (measured on one 4096-token block: 0.42 s against 0.56 s, and no score matrix).
+    Nodes with a mask, past state or causal flag stay as they are (the flash path does not take them)."""
+    from onnx import helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, rewritten, dropped = [], 0, set()
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Attention" or node.domain != "com.microsoft" or len(node.input) > 3
+                or len(node.output) > 1 or node.input[1] not in inits or attrs.get("unidirectional")
+                or attrs.get("qkv_hidden_sizes")):
+            nodes.append(node)
+            continue
+        x, packed, bias = (list(node.input) + [""])[:3]
+        weight = numpy_helper.to_array(inits[packed])
+        width = weight.shape[1] // 3
+        qkv = []
+        for i, part in enumerate("qkv"):
+            name = f"{node.name}_{part}_weight"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(weight[:, i * width:(i + 1) * width]), name))
+            qkv.append(f"{node.name}_{part}")
+            nodes.append(helper.make_node("MatMul", [x, name], [qkv[-1]], name=f"{node.name}_{part}_MatMul"))
+        if bias and bias in inits and not numpy_helper.to_array(inits[bias]).any():
+            dropped.add(bias)  # diffusers' q/k/v projections have no bias: skip the kernel's bias pass
+            bias = ""
+        extra = {k: v for k, v in attrs.items() if k in ("scale", "mask_filter_value")}
+        nodes.append(helper.make_node("MultiHeadAttention", qkv + ([bias] if bias else []), list(node.output),
+                                      name=node.name, domain="com.microsoft", num_heads=attrs["num_heads"], **extra))
+        dropped.add(packed)
+        rewritten += 1
+    if rewritten:
+        used = {name for node in nodes for name in node.input}
+        kept = [i for i in model.graph.initializer if i.name not in dropped or i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
 
 
 def _to_fp16(model):

@@ -40,6 +40,21 @@ def test_optimized_graphs_are_fused_and_recorded(optimized_model):
     assert manifest["converter"]["optimize"] == "cpu"
 
 
+def test_cpu_self_attention_takes_the_flash_kernel(optimized_model):
+    """For the CPU, self-attention is MultiHeadAttention with separate Q, K, V (MLAS flash attention) rather
+    than the fused Attention op, which materializes the full score matrix."""
+    nodes = _nodes(optimized_model / "unet" / "optimized" / "model.onnx")
+    mha = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    assert not [n for n in nodes if n.op_type == "Attention"]
+    # self-attention: q, k and v are projections of one input; cross-attention's k/v come from the text
+    projections = {n.output[0]: n.input[0] for n in nodes if n.op_type == "MatMul"}
+    self_attention = [n for n in mha if len({projections.get(i) for i in n.input[:3]}) == 1]
+    assert self_attention and len(self_attention) * 2 == len(mha)
+    assert all(len(n.input) == 3 for n in self_attention)  # no bias input: the zero bias was dropped
+    manifest = json.loads((optimized_model / "sdonnx.json").read_text())
+    assert manifest["components"]["unet"]["optimized"]["fused"]["MultiHeadAttention"] == len(mha)
+
+
 def test_optimized_image_matches_the_base_graphs(optimized_model, tiny_onnx):
     pipe, fast = _image(optimized_model)
     assert not pipe._component("unet").is_base
