@@ -13,7 +13,7 @@ class _Component:
         spec = manifest.components[name]
         derived = spec.optimized_path and not (base or replacements or tiling)
         path = Path(folder) / (spec.optimized_path if derived else spec.path)
-        self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling)
+        self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling, dims=spec.inputs)
         self.is_base = not derived
         self.manifest = manifest
 
@@ -61,7 +61,8 @@ class UNet(_Component):
         added: the UNet's added conditions, if it takes any (SDXL: text_embeds [B, P], time_ids [B, 6])."""
         feeds = {"sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
                  "encoder_hidden_states": context, **added}
-        return self.session.run(feeds)["out_sample"]
+        # the conditioning repeats over the steps: on a GPU it stays there (IO binding) while it does not change
+        return self.session.run(feeds, steady=("encoder_hidden_states", *added))["out_sample"]
 
 
 class VaeDecoder(_Component):

@@ -35,6 +35,12 @@ class ProviderPlan:
     session_config: dict = field(default_factory=dict)
     disable_mem_pattern: bool = False
     sequential: bool = False
+    # DirectML: one session per input shape, free dimensions fixed (faster kernels, planned memory), the
+    # static_cache most recently used kept (a hires fix uses two sizes; each session holds its own weights)
+    static_shapes: bool = False
+    static_cache: int = 2
+    # (OrtValue device type, id) where steady inputs stay on the GPU between calls through an IO binding
+    bind_device: tuple | None = None
 
 
 def installed_flavours():
@@ -97,10 +103,14 @@ def plan(provider="auto", device_id=0):
     if "cpu" not in names:
         names.append("cpu")  # ops a GPU provider lacks fall back to the CPU
     result = ProviderPlan(names=names, providers=[(PROVIDERS[n], _options(n, device_id)) for n in names])
+    if names[0] in ("cuda", "dml"):
+        # the device types OrtValue documents ("cpu", "cuda", "cann", "dml"); ROCm/MIGraphX/OpenVINO run unbound
+        result.bind_device = (names[0], int(device_id))
     if "dml" in names:
         # DirectML requires these (ONNX Runtime's DirectML EP documentation)
         result.disable_mem_pattern = True
         result.sequential = True
+        result.static_shapes = True
     return result
 
 

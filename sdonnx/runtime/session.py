@@ -4,6 +4,7 @@ import gc
 import logging
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -62,43 +63,129 @@ def session_options(plan):
 
 
 class Session:
-    """run(feeds) -> {output name: array}, for one ONNX graph of a model folder."""
+    """run(feeds) -> {output name: array}, for one ONNX graph of a model folder.
 
-    def __init__(self, path, plan, name=None, replacements=None, tiling=None):
+    With a plan that wants static shapes (DirectML), the graph's free dimensions are fixed per call shape
+    (`add_free_dimension_override_by_name`, from the manifest's dimension names) and the sessions are kept
+    in a small least-recently-used cache: DirectML compiles and plans memory for fixed shapes only."""
+
+    def __init__(self, path, plan, name=None, replacements=None, tiling=None, dims=None):
         """replacements: {initializer name: array} used instead of the graph's own values (run-time LoRA);
         each must keep the initializer's shape and dtype. tiling: "x", "y", "xy" or None: convolutions pad
-        by wrapping around on those axes (seamless tiling; runtime/tiling.py)."""
+        by wrapping around on those axes (seamless tiling; runtime/tiling.py). dims: {input name: [dimension
+        name or None per axis]} (the manifest's `inputs`), for static-shape plans."""
         import onnxruntime as ort
 
         self.name = name or Path(path).parent.name
         self.path = Path(path)
-        options = session_options(plan)
+        self._plan = plan
         # ONNX Runtime borrows these buffers for the session's lifetime: keep them referenced
         self._replacements = [(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))
                               for n, a in (replacements or {}).items()]
-        if self._replacements:
-            options.add_external_initializers([n for n, _ in self._replacements], [v for _, v in self._replacements])
-        source = str(path)
+        self._source, self._config = str(path), {}
         if tiling:
             from .tiling import tiled_model
 
-            source, config = tiled_model(path, tiling)
-            for key, value in config.items():
-                options.add_session_config_entry(key, value)
-        self._session = ort.InferenceSession(source, sess_options=options, providers=plan.providers)
-        self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in self._session.get_inputs()}
-        self.output_names = [o.name for o in self._session.get_outputs()]
+            self._source, self._config = tiled_model(path, tiling)
+        self._dims = {k: list(v) for k, v in (dims or {}).items()} if plan.static_shapes else {}
+        self._sessions = OrderedDict()  # free-dimension overrides -> session (one entry, () , when dynamic)
+        self._session = None
+        # GPU plans: steady inputs kept on the device between calls ({name: (host copy, device OrtValue)})
+        self._resident, self._binding_failed, self.resident_reused = {}, False, 0
+        if not self._dims:
+            self._session = self._sessions[()] = self._create({})
+
+    def _create(self, overrides):
+        import onnxruntime as ort
+
+        options = session_options(self._plan)
+        if self._replacements:
+            options.add_external_initializers([n for n, _ in self._replacements], [v for _, v in self._replacements])
+        for key, value in self._config.items():
+            options.add_session_config_entry(key, value)
+        for dim, value in overrides:
+            options.add_free_dimension_override_by_name(dim, value)
+        session = ort.InferenceSession(self._source, sess_options=options, providers=self._plan.providers)
+        self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+        return session
+
+    def _for(self, feeds):
+        """The session for these feeds' shapes (static plans: created on first use, least recently used
+        evicted beyond the plan's static_cache)."""
+        if not self._dims:
+            return self._session
+        overrides = {}
+        for input_name, names in self._dims.items():
+            shape = np.shape(feeds[input_name]) if input_name in feeds else ()
+            for dim, value in zip(names, shape):
+                if dim is not None and overrides.setdefault(dim, int(value)) != int(value):
+                    raise ValueError(f"{self.name}: dimension {dim!r} is {overrides[dim]} and {value} in one call")
+        key = tuple(sorted(overrides.items()))
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+        else:
+            self._session = None  # the evicted session must lose every reference to be freed
+            while len(self._sessions) >= max(1, self._plan.static_cache):
+                self._sessions.popitem(last=False)
+                return_freed_memory()
+            log.info("%s: session for %s", self.name, ", ".join(f"{k}={v}" for k, v in key) or "fixed shapes")
+            self._sessions[key] = self._create(key)
+        self._session = self._sessions[key]
+        return self._session
+
+    @property
+    def shapes_cached(self):
+        """The free-dimension settings of the sessions held, oldest first (static plans)."""
+        return [dict(key) for key in self._sessions]
 
     @property
     def providers(self):
-        return self._session.get_providers()
+        """The providers the session runs on (a static-shape session not yet created: the plan's)."""
+        return self._session.get_providers() if self._session else [name for name, _ in self._plan.providers]
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, steady=()):
+        """steady: names of inputs that usually repeat from call to call (the text conditioning over the
+        sampling steps); on a GPU plan they stay on the device while their values do not change."""
+        session = self._for(feeds) if self._dims else self._session
         unknown = set(feeds) - set(self._inputs)
         missing = set(self._inputs) - set(feeds)
         if unknown or missing:
             raise ValueError(f"{self.name}: feeds {sorted(feeds)} do not match the graph inputs {sorted(self._inputs)}")
         cast = {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
         names = list(outputs or self.output_names)
-        values = self._session.run(names, cast)
+        values = None
+        if self._plan.bind_device and not self._binding_failed:
+            values = self._run_bound(session, cast, names, steady)
+        if values is None:
+            values = session.run(names, cast)
         return {n: (v.astype(np.float32) if v.dtype == np.float16 else v) for n, v in zip(names, values)}
+
+    def _run_bound(self, session, cast, names, steady):
+        """One run through an IO binding: steady inputs whose values did not change since the last call are
+        bound from the device copy made then (no host-to-device copy); the rest are copied in by ONNX
+        Runtime. None (and plain runs from then on) where this build cannot place values on the device."""
+        import onnxruntime as ort
+
+        kind, device_id = self._plan.bind_device
+        try:
+            binding = session.io_binding()
+            for name, value in cast.items():
+                if name not in steady:
+                    binding.bind_cpu_input(name, value)
+                    continue
+                held = self._resident.get(name)
+                if held is not None and held[0].shape == value.shape and np.array_equal(held[0], value):
+                    self.resident_reused += 1
+                else:
+                    held = self._resident[name] = (value.copy(), ort.OrtValue.ortvalue_from_numpy(value, kind, device_id))
+                binding.bind_ortvalue_input(name, held[1])
+            for name in names:
+                binding.bind_output(name)
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        except Exception as error:  # noqa: BLE001 - any binding failure: plain runs are always correct
+            log.warning("%s: IO binding on %s unavailable (%s); running without it", self.name, kind, error)
+            self._binding_failed = True
+            self._resident.clear()
+            return None
