@@ -99,6 +99,9 @@ def prepare(work, sizes, log, want_int8=True):
         log("quantizing the UNet to int8")
         base = onnx_dir / "unet" / "model.onnx"
         derive(base, "unet", Plan(optimize="cpu", quantize="int8"), num_heads=8, out_dir=int8.parent.parent)
+    from sdonnx.runtime.session import return_freed_memory
+
+    return_freed_memory()  # the engines run in children of this process: leave them the memory
     return diffusers_dir, onnx_dir, int8
 
 
@@ -144,6 +147,17 @@ def timer(timings):
     return timed
 
 
+def peak_rss_bytes():
+    """This process's peak resident set: VmHWM, which starts afresh at exec. ru_maxrss does not: Linux
+    carries the forking parent's resident size at fork into the child's ru_maxrss (measured: every engine
+    reported the 13.3 GB the parent held after quantizing the UNet). ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def report(args, timings, first_image, cold_s, warm_s=None):
     """Print the engine's RESULT line. Model-call times are those of the warm run, or of the only run when
     there is no warm one (warm_s None: session creation and Python then share `session_and_outside_s`)."""
@@ -153,7 +167,7 @@ def report(args, timings, first_image, cold_s, warm_s=None):
               "first_generate_s": cold_s, "generate_s": warm_s, "unet_step_s": sum(unet) / max(1, len(unet)),
               "unet_calls": len(unet), "text_encoder_s": sum(timings.get("text_encoder", [])),
               "vae_decode_s": sum(timings.get("vae_decoder", [])),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_rss_bytes": peak_rss_bytes(),
               "outside_model_calls_s": None if warm_s is None else warm_s - inside, "load_avg_1m": os.getloadavg()[0]}
     if warm_s is None:
         result["session_and_outside_s"] = cold_s - inside
@@ -341,10 +355,45 @@ def measured_fma_peak(threads, work=None):
     return max(rates) * 1e9 if rates else None
 
 
+TIMES = ("time_to_first_image_s", "first_generate_s", "generate_s", "unet_step_s", "text_encoder_s", "vae_decode_s",
+         "outside_model_calls_s", "session_and_outside_s")
+
+
+def best_of(results):
+    """One row per (engine, size) over the rounds: each time its fastest round, peak RSS its largest.
+
+    On a shared virtual machine the same torch UNet call took 3.1 s and 5.2 s twenty minutes apart on an idle
+    guest (ONNX Runtime's 2.4 s and 3.0 s): neighbours' load slows the host, and torch's OpenMP more than
+    ONNX Runtime's thread pool. The fastest of interleaved rounds is each engine at its least disturbed;
+    every round stays in the JSON, and the table shows the spread of the per-round UNet ratios."""
+    rows = {}
+    for r in results:
+        row = rows.setdefault((r["engine"], r["size"]), {**r, "rounds": 0, "unet_ratios": []})
+        row["rounds"] += 1
+        for key in TIMES:
+            if r.get(key) is not None:
+                row[key] = min(row[key], r[key]) if row.get(key) is not None else r[key]
+        row["peak_rss_bytes"] = max(row["peak_rss_bytes"], r["peak_rss_bytes"])
+        row["load_avg_1m_before"] = max(row["load_avg_1m_before"], r["load_avg_1m_before"])
+    for i, r in enumerate(results):  # the diffusers run of the same round is the one just before or after
+        ref = _same_round_diffusers(results, i)
+        if ref is not None and r["engine"] != "diffusers":
+            rows[(r["engine"], r["size"])]["unet_ratios"].append(r["unet_step_s"] / ref["unet_step_s"])
+    return list(rows.values())
+
+
+def _same_round_diffusers(results, index):
+    size, round_ = results[index]["size"], sum(1 for r in results[:index + 1]
+                                               if r["engine"] == results[index]["engine"] and r["size"] == results[index]["size"])
+    found = [r for r in results if r["engine"] == "diffusers" and r["size"] == size]
+    return found[round_ - 1] if len(found) >= round_ else None
+
+
 def table(results, machine, flops):
-    rows = ["| engine | size | UNet/step s (x) | text enc s | VAE dec s | generate s (x) | first image s (x) "
-            "| peak RSS GB (x) | outside ORT % | UNet % of peak | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    results = best_of(results)
+    rows = ["| engine | size | UNet/step s (x) | per-round UNet x | text enc s | VAE dec s | generate s (x) "
+            "| first image s (x) | peak RSS GB (x) | outside ORT % | UNet % of peak | rounds | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ref = next((d for d in results if d["engine"] == "diffusers" and d["size"] == r["size"]), None)
 
@@ -356,9 +405,10 @@ def table(results, machine, flops):
         outside = ("-" if r["engine"] == "diffusers" or r.get("outside_model_calls_s") is None
                    else f"{100 * r['outside_model_calls_s'] / r['generate_s']:.1f}")
         rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" + (f" ({r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x)" if ref else "")
-        rows.append(f"| {r['engine']} | {r['size']} | {x('unet_step_s')} | {r['text_encoder_s']:.2f} | "
+        spread = ", ".join(f"{v:.2f}" for v in r["unet_ratios"]) or "-"
+        rows.append(f"| {r['engine']} | {r['size']} | {x('unet_step_s')} | {spread} | {r['text_encoder_s']:.2f} | "
                     f"{r['vae_decode_s']:.2f} | {x('generate_s')} | {x('time_to_first_image_s')} | {rss} | "
-                    f"{outside} | {unet_pct:.0f} | {r['load_avg_1m_before']:.1f} |")
+                    f"{outside} | {unet_pct:.0f} | {r['rounds']} | {r['load_avg_1m_before']:.1f} |")
     return "\n".join(rows)
 
 
