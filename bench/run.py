@@ -347,10 +347,11 @@ def measured_fma_peak(threads, work=None):
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         binary = Path(tmp) / "fma_peak"
         built = subprocess.run([compiler, "-O2", "-mavx2", "-mfma", "-pthread", str(ROOT / "bench" / "fma_peak.c"),
-                                "-o", str(binary)], capture_output=True, text=True)
+                                "-o", str(binary)], capture_output=True, text=True, check=False)
         if built.returncode:
             return None
-        runs = [subprocess.run([str(binary), str(threads)], capture_output=True, text=True) for _ in range(3)]
+        runs = [subprocess.run([str(binary), str(threads)], capture_output=True, text=True, check=False)
+                for _ in range(3)]
         rates = [float(r.stdout) for r in runs if r.returncode == 0 and r.stdout.strip()]
     return max(rates) * 1e9 if rates else None
 

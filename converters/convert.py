@@ -93,10 +93,10 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
 
 
 def _build(loaded, staging, tolerance, report, plan=None):
-    from .components import component_specs
-    from .export import export_component, parity_check, weight_map
     from sdonnx.runtime.session import return_freed_memory
 
+    from .components import component_specs
+    from .export import export_component, parity_check, weight_map
     from .optimize import Plan, derive_checked
 
     components = {}

@@ -55,7 +55,8 @@ def test_pipeline_with_static_shapes_makes_the_same_images(tiny_onnx, monkeypatc
     images = {}
     for static in (False, True):
         real_plan = providers.plan
-        monkeypatch.setattr(providers, "plan", lambda *a, **k: dataclasses.replace(real_plan(*a, **k), static_shapes=static))
+        monkeypatch.setattr(providers, "plan", lambda *a, _plan=real_plan, _static=static, **k:
+                            dataclasses.replace(_plan(*a, **k), static_shapes=_static))
         pipe = Pipeline.load(folder, provider="cpu")
         images[static] = [np.asarray(pipe.generate("a red cube", steps=3, sampler="Euler", seed=3, width=w, height=w,
                                                    batch_size=b).images[0], np.float32)
