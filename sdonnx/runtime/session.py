@@ -93,9 +93,10 @@ class Session:
         # GPU plans: steady inputs kept on the device between calls ({name: (host copy, device OrtValue)})
         self._resident, self._binding_failed, self.resident_reused = {}, False, 0
         if not self._dims:
-            self._session = self._sessions[()] = self._create({})
+            self._session = self._sessions[()] = self._create(())
 
     def _create(self, overrides):
+        """A session with ((dimension name, value), ...) fixed."""
         import onnxruntime as ort
 
         options = session_options(self._plan)
@@ -147,7 +148,7 @@ class Session:
     def run(self, feeds, outputs=None, steady=()):
         """steady: names of inputs that usually repeat from call to call (the text conditioning over the
         sampling steps); on a GPU plan they stay on the device while their values do not change."""
-        session = self._for(feeds) if self._dims else self._session
+        session = self._for(feeds)
         unknown = set(feeds) - set(self._inputs)
         missing = set(self._inputs) - set(feeds)
         if unknown or missing:
