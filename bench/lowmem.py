@@ -4,29 +4,32 @@
 
 lowmem creates each stage's session when the stage starts and releases it after (text encoder before
 the UNet loop, UNet before the VAE), so the peak should follow the largest component (the UNet)
-instead of the sum of all sessions. Peak RSS is the child's ru_maxrss (Linux: KiB).
+instead of the sum of all sessions. Peak RSS is the child's own (run.py's peak_rss_bytes: VmHWM).
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+sys.path.insert(0, sys.argv[5])
+from run import peak_rss_bytes
 import sdonnx
 pipe = sdonnx.Pipeline.load(sys.argv[1], provider="cpu", lowmem=sys.argv[2] == "1")
 t = time.perf_counter()
 pipe.generate("a photo of a cat", steps=int(sys.argv[4]), sampler="Euler", seed=1,
               width=int(sys.argv[3]), height=int(sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_rss_bytes() / 2**20}))
 """
 
 
 def run(model, lowmem, size, steps):
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), "1" if lowmem else "0", str(size), str(steps)],
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), "1" if lowmem else "0", str(size), str(steps),
+                          str(Path(__file__).resolve().parent)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
