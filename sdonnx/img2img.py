@@ -245,21 +245,109 @@ class InitPlan:
                 "Masked area padding": self.padding if self.mask.crop else None}
 
 
-LATENT_UPSCALERS = {"Latent": Image.Resampling.BILINEAR, "Latent (bicubic)": Image.Resampling.BICUBIC,
-                    "Latent (nearest)": Image.Resampling.NEAREST, "Latent (nearest-exact)": Image.Resampling.NEAREST}
+# A1111's latent upscale modes: torch.nn.functional.interpolate(mode, antialias), align_corners=False
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
 IMAGE_UPSCALERS = ("Lanczos",)
 
 
 def upscale_latents(latents, size_hw, mode="Latent"):
-    """Resize latents [B, C, h, w] to size_hw per channel with A1111's latent upscale modes."""
+    """Resize latents [B, C, h, w] to size_hw with one of A1111's latent upscale modes."""
     if mode not in LATENT_UPSCALERS:
         raise ValueError(f"latent upscaler {mode!r}: choose one of {', '.join(LATENT_UPSCALERS)}")
-    h, w = size_hw
-    out = np.empty((*latents.shape[:2], h, w), np.float32)
-    for b, c in np.ndindex(*latents.shape[:2]):
-        channel = Image.fromarray(np.ascontiguousarray(latents[b, c], np.float32), mode="F")
-        out[b, c] = np.asarray(channel.resize((w, h), LATENT_UPSCALERS[mode]), np.float32)
-    return out
+    return interpolate(latents, size_hw, *LATENT_UPSCALERS[mode])
+
+
+def interpolate(x, size_hw, mode="bilinear", antialias=False):
+    """torch.nn.functional.interpolate(x, size=size_hw, mode=mode, antialias=antialias) for [B, C, h, w]
+    float arrays with align_corners=False, as separable per-axis weight matrices."""
+    x = np.asarray(x, np.float32)
+    rows = _axis_weights(x.shape[2], size_hw[0], mode, antialias)
+    cols = _axis_weights(x.shape[3], size_hw[1], mode, antialias)
+    return np.einsum("oh,bchw,pw->bcop", rows, x, cols, optimize=True).astype(np.float32)
+
+
+def _axis_weights(n_in, n_out, mode, antialias):
+    """[n_out, n_in]: the weights one output row takes from the input rows (torch's CPU kernels)."""
+    if mode in ("nearest", "nearest-exact"):
+        index = _nearest_index(n_in, n_out, mode == "nearest-exact")
+        return np.eye(n_in, dtype=np.float32)[index]
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"interpolation mode {mode!r}: choose bilinear, bicubic, nearest or nearest-exact")
+    # positions and weights in float32 as torch computes them for float32 tensors (float64 would differ
+    # from torch by up to ~2e-5 on 64 -> 100 px)
+    scale = np.float32(n_in / n_out)
+    if antialias:
+        return _aa_weights(n_in, n_out, scale, 2 if mode == "bilinear" else 4)
+    src = scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    if mode == "bilinear":
+        src = np.maximum(src, np.float32(0))  # torch clamps the linear source index at 0, not the cubic one
+        taps, offsets = _linear_taps(src - np.floor(src)), (0, 1)
+    else:
+        taps, offsets = _cubic_taps(src - np.floor(src), np.float32(-0.75)), (-1, 0, 1, 2)
+    weights = np.zeros((n_out, n_in), np.float32)
+    base = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    for tap, offset in zip(taps, offsets):
+        np.add.at(weights, (np.arange(n_out), np.clip(base + offset, 0, n_in - 1)), tap)
+    return weights
+
+
+def _nearest_index(n_in, n_out, exact):
+    # torch computes the scale and the source position in float32 ("nearest" is floor(i * scale), the
+    # legacy rule; "nearest-exact" samples pixel centres like PIL)
+    scale = np.float32(n_in / n_out)
+    i = np.arange(n_out)
+    pos = (i + 0.5).astype(np.float32) * scale if exact else i.astype(np.float32) * scale
+    return np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+
+
+def _linear_taps(t):
+    return np.float32(1) - t, t
+
+
+def _cubic_taps(t, a):
+    """Keys' cubic convolution weights of the 4 taps around a sample at fraction t past the second."""
+    one, two, three, four, five, eight = (np.float32(v) for v in (1, 2, 3, 4, 5, 8))
+
+    def near(x):  # |x| <= 1
+        return ((a + two) * x - (a + three)) * x * x + one
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - five * a) * x + eight * a) * x - four * a
+
+    return far(t + one), near(t), near(one - t), far(two - t)
+
+
+def _aa_filter(x, taps):
+    x = np.abs(x)
+    if taps == 2:  # triangle
+        return np.where(x < 1, 1 - x, 0.0)
+    a = -0.5  # torch's antialiased bicubic uses PIL's a = -0.5, not the -0.75 of plain bicubic
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def _aa_weights(n_in, n_out, scale, taps):
+    """torch's antialiased kernels: the filter stretched by the scale when shrinking, taps outside the
+    input dropped and the rest renormalised (PIL's resampling)."""
+    f32 = np.float32
+    support = f32(taps / 2) * max(scale, f32(1))
+    stretch = f32(1) / max(scale, f32(1))
+    weights = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        center = scale * (f32(i) + f32(0.5))
+        lo = max(int(center - support + f32(0.5)), 0)
+        hi = min(int(center + support + f32(0.5)), n_in)
+        w = _aa_filter((np.arange(lo, hi, dtype=f32) - center + f32(0.5)) * stretch, taps).astype(f32)
+        total = w.sum(dtype=f32)
+        weights[i, lo:hi] = w / total if total != 0 else w
+    return weights
 
 
 @dataclass
