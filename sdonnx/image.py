@@ -49,7 +49,7 @@ def image_to_array(
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"width and height must be positive, got {width}x{height}")
-    img = _flatten(img, background)
+    img = flatten(img, background)
     if img.size != (width, height):
         img = img.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = np.asarray(img, dtype=np.float32) / 255.0
@@ -147,11 +147,18 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+def flatten(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB image with transparency composited over ``background`` (A1111's img2img background, white).
+
+    A1111 flattens RGBA images this way (a paste through the alpha channel); every other mode that carries
+    transparency (LA, PA, RGBa, P with a transparent index) is treated the same here, where A1111 would
+    drop the alpha and keep whatever colour lies under it.
+    """
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+        canvas.paste(rgba, mask=rgba)
+        return canvas.convert("RGB")
     return img.convert("RGB")
 
 

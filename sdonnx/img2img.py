@@ -6,12 +6,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from .image import flatten
+
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 def load_image(image, what="init image"):
-    """A PIL image, or a path to one, as RGB(A); unreadable input is a ValueError naming it."""
+    """A PIL image, or a path to one, in its own mode; unreadable input is a ValueError naming it."""
     if isinstance(image, Image.Image):
         return image
     try:
@@ -73,7 +75,7 @@ def to_array(image):
 def outpaint_canvas(image, left=0, right=0, up=0, down=0):
     """Extend the canvas for outpainting: (bigger image with the new border filled from the edges,
     mask that is white on the new border). Sizes stay multiples of 8 by growing the border."""
-    image = image.convert("RGB")
+    image = flatten(image)
     width, height = image.width + left + right, image.height + up + down
     width8, height8 = -(-width // 8) * 8, -(-height // 8) * 8
     right, down = right + width8 - width, down + height8 - height
@@ -199,7 +201,7 @@ class InitPlan:
     @classmethod
     def make(cls, init_image, mask, width, height, *, resize_mode, mask_blur, invert, only_masked, padding,
              fill, strength, factor):
-        original = load_image(init_image).convert("RGB")
+        original = flatten(load_image(init_image))  # transparent areas become white, as in A1111
         mode = choice("resize_mode", resize_mode, RESIZE_MODES)
         fill = choice("inpainting_fill", fill, MASKED_CONTENT)
         strength = check_strength(strength)

@@ -179,3 +179,40 @@ def test_tiling_through_the_pipeline(pipe):
     # sessions for the plain graphs are still there and unchanged
     again = pipe.generate("x", steps=3, sampler="Euler", seed=6, width=64, height=64)
     assert np.array_equal(_px(again.images[0]), _px(plain.images[0]))
+
+
+def _a1111_flatten(rgba):
+    """A1111's images.flatten with its default img2img background "#ffffff": a paste through the alpha."""
+    background = Image.new("RGBA", rgba.size, "#ffffff")
+    background.paste(rgba, mask=rgba)
+    return background.convert("RGB")
+
+
+def _with_alpha(init_image):
+    """The init image, red under a fully transparent left half and a half-transparent bottom-right quarter."""
+    pixels = np.asarray(init_image.convert("RGBA")).copy()
+    pixels[:, :32] = (255, 0, 0, 0)
+    pixels[32:, 32:, 3] = 128
+    return Image.fromarray(pixels, "RGBA")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_init_image_is_flattened_onto_white(pipe, init_image, mode):
+    rgba = _with_alpha(init_image)
+    if mode == "LA":
+        rgba = Image.fromarray(np.asarray(rgba.convert("LA")), "LA").convert("RGBA")
+    given = rgba if mode == "RGBA" else rgba.convert(mode)
+    if mode == "P":  # a palette image with one transparent index: the left half
+        given = rgba.convert("RGB").quantize(16)
+        index = np.asarray(given).copy()
+        index[:, :32] = 15
+        given = Image.fromarray(index, "P")
+        given.putpalette(rgba.convert("RGB").quantize(16).getpalette())
+        given.info["transparency"] = 15
+        rgba = given.convert("RGBA")
+    expected = _a1111_flatten(rgba)
+    assert np.asarray(expected)[:, :32].min() == 255  # white where it was transparent
+    args = dict(steps=4, sampler="Euler", seed=3, strength=0.5)
+    ours = pipe.generate("a cat", init_image=given, **args).images[0]
+    reference = pipe.generate("a cat", init_image=expected, **args).images[0]
+    assert np.array_equal(_px(ours), _px(reference))
