@@ -61,7 +61,7 @@ def _image_options(command):
         click.option("--hires-width", default=0, type=int),
         click.option("--hires-height", default=0, type=int),
         click.option("--hires-upscaler", default="Latent", show_default=True,
-                     help="Latent, Latent (bicubic), Latent (nearest), Latent (nearest-exact) or Lanczos."),
+                     help="Latent, Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None."),
         click.option("--hires-steps", default=0, type=int, help="0: as many as --steps."),
         click.option("--hires-denoising", default=0.7, show_default=True, type=float),
         click.option("--hires-sampler", default=None),

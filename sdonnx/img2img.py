@@ -256,7 +256,9 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-IMAGE_UPSCALERS = ("Lanczos",)
+# upscalers on the decoded image, as A1111's built-in ones: "None" only resizes, with Lanczos
+IMAGE_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS,
+                   "Nearest": Image.Resampling.NEAREST}
 
 
 def upscale_latents(latents, size_hw, mode="Latent"):

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from . import __version__
 from .adapters.lora import Loras, lora_requests
@@ -18,7 +17,7 @@ from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
 from .image import latents_to_images
-from .img2img import InitPlan, hires_plan as _hires_plan, img2img_sigmas as _img2img_sigmas, to_array, upscale_latents
+from .img2img import IMAGE_UPSCALERS, InitPlan, hires_plan as _hires_plan, img2img_sigmas as _img2img_sigmas, to_array, upscale_latents
 from .infotext import format_infotext
 from .manifest import load_manifest
 from .prompt import extract_networks
@@ -255,7 +254,7 @@ class Pipeline:
         the original outside the mask.
         Hires fix: hires=True runs a second img2img pass at hires_scale (or hires_width x hires_height)
         after upscaling with hires_upscaler ("Latent", "Latent (bicubic)", "Latent (nearest)",
-        "Latent (nearest-exact)", "Lanczos"), with hires_steps (0 = steps), hires_denoising, and optional
+        "Latent (nearest-exact)", "Lanczos", "Nearest", "None"), with hires_steps (0 = steps), hires_denoising, and optional
         hires_sampler / hires_scheduler / hires_prompt / hires_negative_prompt.
         tiling: True/"xy", "x" or "y" makes the image tile seamlessly (circular padding); tiled_vae: True
         decodes/encodes in tiles (None: automatically for large images).
@@ -463,7 +462,7 @@ class Pipeline:
         if hr.upscaler.startswith("Latent"):
             start = upscale_latents(x, shape[1:], hr.upscaler)
         else:
-            images = [im.resize((hr.width, hr.height), Image.Resampling.LANCZOS) for im in self.decode(x, tiled=tiled_vae)]
+            images = [im.resize((hr.width, hr.height), IMAGE_UPSCALERS[hr.upscaler]) for im in self.decode(x, tiled=tiled_vae)]
             start = self._encode(np.concatenate([to_array(im) for im in images]), tiled_vae)
         hr_resolved = resolve(hires_sampler or resolved.sampler, hires_scheduler or resolved.schedule)
         options = sampler_options if hr_resolved.sampler == resolved.sampler else {}

@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
 
+from sdonnx.infotext import parse_infotext  # noqa: E402
 from sdonnx.pipeline import GenerationResult, Pipeline  # noqa: E402
 from sdonnx.samplers import SAMPLER_NAMES, SCHEDULER_NAMES  # noqa: E402
 from sdonnx.server import create_app  # noqa: E402
@@ -58,10 +59,18 @@ def models_root(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     (root / "tiny-sd1").symlink_to(_cached_tiny_model(request), target_is_directory=True)
     (root / "Lora").mkdir()
-    save_file({"lora_unet_x.lora_down.weight": np.zeros((4, 8), np.float32)}, root / "Lora" / "detail.safetensors",
+    # a kohya LoRA on one attention projection of the tiny UNet (32 wide)
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    rng = np.random.default_rng(0)
+    save_file({f"{layer}.lora_down.weight": rng.standard_normal((4, 32)).astype(np.float32),
+               f"{layer}.lora_up.weight": rng.standard_normal((32, 4)).astype(np.float32),
+               f"{layer}.alpha": np.array(4.0, np.float32)}, root / "Lora" / "detail.safetensors",
               metadata={"ss_output_name": "add_detail"})
+    (root / "styles.csv").write_text('name,prompt,negative_prompt\n"framed","a photo of {prompt}, framed","blurry"\n'
+                                     'suffix,"oil painting",\n', encoding="utf-8")
     (root / "embeddings").mkdir()
-    save_file({"emb_params": np.zeros((2, 32), np.float32)}, root / "embeddings" / "bad-hands.safetensors")
+    save_file({"emb_params": rng.standard_normal((2, 64)).astype(np.float32)},  # the tiny text encoder's width
+              root / "embeddings" / "bad-hands.safetensors")
     save_file({"clip_l": np.zeros((3, 768), np.float32), "clip_g": np.zeros((3, 1280), np.float32)},
               root / "embeddings" / "xl-style.safetensors")
     return root
@@ -175,11 +184,12 @@ def test_a1111_client_payload_unchanged(client):
     assert data["parameters"]["prompt"] == "a maltese puppy" and data["parameters"]["hr_upscaler"] == "Latent"
     assert info["sampler_name"] == "Euler a" and info["width"] == 64 and info["negative_prompt"] == "blurry"
     # set to something this server does not do: reported, not fatal; hires fields are moot without enable_hr
-    assert info["ignored_fields"] == ["restore_faces", "tiling"]
+    assert info["ignored_fields"] == ["restore_faces"]
     for b64, infotext, seed in zip(data["images"], info["infotexts"], info["all_seeds"]):
         image = _png(b64)
         assert image.size == (64, 64) and image.info["parameters"] == infotext
         assert f"Seed: {seed}," in infotext and "Eta: 0.5" in infotext and "Negative prompt: blurry" in infotext
+        assert "Tiling: True" in infotext and "Hires" not in infotext
         png = client.post(f"{API}/png-info", json={"image": "data:image/png;base64," + b64}).json()
         assert png["info"] == infotext
         assert png["parameters"]["Seed"] == str(seed) and png["parameters"]["Size-1"] == "64"
@@ -217,7 +227,7 @@ def test_lists_and_options(client, models_root):
     assert client.get(f"{API}/loras").json()[0] | {"path": None} == {
         "name": "detail", "alias": "add_detail", "path": None, "metadata": {"ss_output_name": "add_detail"}}
     embeddings = client.get(f"{API}/embeddings").json()["loaded"]
-    assert embeddings["bad-hands"]["vectors"] == 2 and embeddings["bad-hands"]["shape"] == 32
+    assert embeddings["bad-hands"]["vectors"] == 2 and embeddings["bad-hands"]["shape"] == 64
     assert (embeddings["xl-style"]["vectors"], embeddings["xl-style"]["shape"]) == (3, 2048)  # A1111: summed width
     options = client.get(f"{API}/options").json()
     assert options["sd_model_checkpoint"] == models[0]["title"]
@@ -232,7 +242,113 @@ def test_lists_and_options(client, models_root):
     finally:
         (models_root / "second").unlink()
         client.post(f"{API}/refresh-checkpoints")
-    assert client.get(f"{API}/upscalers").json() == []
+
+
+def _txt2img(client, **body):
+    r = client.post(f"{API}/txt2img", json={"prompt": "a lighthouse", "steps": 2, "seed": 11, **body})
+    assert r.status_code == 200, r.text
+    return r.json(), json.loads(r.json()["info"])
+
+
+@pytest.fixture(scope="module")
+def direct(models_root):
+    """The served model through the Python API, to check the HTTP door reaches the same images."""
+    pipe = Pipeline.load(models_root / "tiny-sd1", provider="cpu", lora_dir=models_root / "Lora",
+                         embeddings_dir=models_root / "embeddings")
+    return lambda **kw: pipe.generate(**{"prompt": "a lighthouse", "steps": 2, "seed": 11, "sampler": "Euler",
+                                         "scheduler": "Automatic", "cfg_scale": 7.0, **kw})
+
+
+def _same_pixels(b64, image):
+    return np.array_equal(np.asarray(_png(b64).convert("RGB")), np.asarray(image.convert("RGB")))
+
+
+def test_hires_fix_gives_the_hires_size(client, direct):
+    """A1111: enable_hr with hr_scale 2 on 64x64 answers 128x128, with its Hires infotext keys."""
+    data, info = _txt2img(client, enable_hr=True, hr_scale=2, hr_second_pass_steps=3, denoising_strength=0.5,
+                          hr_upscaler="Latent")
+    text = info["infotexts"][0]
+    assert _png(data["images"][0]).size == (128, 128) and info["ignored_fields"] == []
+    for key in ("Hires upscale: 2", "Hires steps: 3", "Hires upscaler: Latent", "Denoising strength: 0.5",
+                "Size: 64x64"):
+        assert key in text, text
+    reference = direct(hires=True, hires_scale=2, hires_steps=3, hires_denoising=0.5, hires_upscaler="Latent")
+    assert _same_pixels(data["images"][0], reference.images[0]) and text == reference.infotexts[0]
+    # A1111's defaults: no upscaler named is "Latent" (not written), hr_second_pass_steps 0 is the steps
+    data, info = _txt2img(client, enable_hr=True, hr_resize_x=96, hr_upscaler="Nearest")
+    assert _png(data["images"][0]).size == (96, 96)
+    assert "Hires resize: 96x96" in info["infotexts"][0] and "Hires upscaler: Nearest" in info["infotexts"][0]
+    data, info = _txt2img(client, enable_hr=True, hr_sampler_name="DPM++ 2M", hr_scheduler="Karras",
+                          hr_prompt="a lighthouse at night", hr_upscaler="None")
+    assert _png(data["images"][0]).size == (128, 128)
+    for key in ("Hires sampler: DPM++ 2M", "Hires schedule type: Karras", "Hires prompt: a lighthouse at night"):
+        assert key in info["infotexts"][0]
+    for body, status, words in (({"hr_upscaler": "ESRGAN_4x"}, 422, "Lanczos"),
+                                ({"hr_sampler_name": "Euler z"}, 404, "DPM++ 2M"),
+                                ({"hr_scheduler": "Karras2"}, 404, "Exponential")):
+        r = client.post(f"{API}/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True, **body})
+        assert r.status_code == status and words in r.text, r.text
+
+
+def test_tiling_tiles(client, direct):
+    data, info = _txt2img(client, tiling=True)
+    assert "Tiling: True" in info["infotexts"][0] and info["ignored_fields"] == []
+    assert _same_pixels(data["images"][0], direct(tiling=True).images[0])
+    assert not _same_pixels(data["images"][0], direct().images[0])
+    data, info = _txt2img(client, override_settings={"tiling": True})  # A1111's setting, for tiling None
+    assert "Tiling: True" in info["infotexts"][0] and info["ignored_fields"] == []
+
+
+def test_refiner_switches(client, direct, models_root):
+    data, info = _txt2img(client, steps=4, refiner_checkpoint="tiny-sd1", refiner_switch_at=0.5)
+    params = parse_infotext(info["infotexts"][0])
+    assert params["Refiner"] == params["Model"] and params["Refiner switch at"] == "0.5", params
+    reference = direct(steps=4, refiner=models_root / "tiny-sd1", refiner_switch_at=0.5)
+    assert _same_pixels(data["images"][0], reference.images[0])
+    _, info = _txt2img(client, refiner_checkpoint="tiny-sd1", refiner_switch_at=1.0)  # A1111: never switches
+    assert "Refiner" not in info["infotexts"][0]
+    r = client.post(f"{API}/txt2img", json={"prompt": "x", "steps": 2, "refiner_checkpoint": "nope"})
+    assert r.status_code == 404 and "tiny-sd1" in r.json()["detail"]
+
+
+def test_styles_as_a1111(client):
+    assert client.get(f"{API}/prompt-styles").json() == [
+        {"name": "framed", "prompt": "a photo of {prompt}, framed", "negative_prompt": "blurry"},
+        {"name": "suffix", "prompt": "oil painting", "negative_prompt": ""}]
+    _, info = _txt2img(client, prompt="a cat", negative_prompt="dark", styles=["framed", "suffix", "gone"])
+    assert info["prompt"] == "a photo of a cat, framed, oil painting" and info["negative_prompt"] == "dark, blurry"
+    assert info["infotexts"][0].startswith("a photo of a cat, framed, oil painting\nNegative prompt: dark, blurry\n")
+    assert info["styles"] == ["framed", "suffix", "gone"] and "Styles not found: gone" in info["comments"]
+
+
+def test_served_lora_and_embedding_folders_are_used(client, direct):
+    """Bug: `sdonnx serve --lora-dir/--embeddings-dir` listed those folders but generated without them."""
+    data, info = _txt2img(client, prompt="a lighthouse <lora:detail:1>, bad-hands")
+    text = info["infotexts"][0]
+    assert 'Lora hashes: "detail: ' in text and 'TI hashes: "bad-hands: ' in text, text
+    reference = direct(prompt="a lighthouse <lora:detail:1>, bad-hands")
+    assert _same_pixels(data["images"][0], reference.images[0])
+    assert not _same_pixels(data["images"][0], direct(prompt="a lighthouse , bad-hands").images[0])
+
+
+def test_missing_lora_generates_with_a_warning(client, direct):
+    """A1111 generates without a LoRA it cannot find, and says so."""
+    data, info = _txt2img(client, prompt="a lighthouse <lora:nope:0.7>")
+    assert info["comments"] == "Lora not found: nope\n"
+    assert info["prompt"] == "a lighthouse <lora:nope:0.7>"
+    assert info["infotexts"][0].startswith("a lighthouse <lora:nope:0.7>\nSteps: 2,")
+    assert _same_pixels(data["images"][0], direct(prompt="a lighthouse ").images[0])
+
+
+def test_upscalers_latent_modes_and_memory(client):
+    from sdonnx.img2img import LATENT_UPSCALERS
+
+    assert [u["name"] for u in client.get(f"{API}/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in client.get(f"{API}/latent-upscale-modes").json()] == list(LATENT_UPSCALERS)
+    memory = client.get(f"{API}/memory").json()
+    ram = memory["ram"]
+    assert 0 < ram["used"] < ram["total"] and ram["free"] == ram["total"] - ram["used"]
+    assert memory["cuda"] == {"error": "unavailable"}  # A1111's answer where torch has no CUDA
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -3,7 +3,8 @@ import asyncio
 import inspect
 import io
 import json
-import random
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,20 +13,19 @@ from fastapi import APIRouter, Request
 
 from .. import __version__
 from ..image import read_infotext, save_png
+from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from ..infotext import parse_infotext
-from ..pipeline import MAX_SEED
-from ..samplers import SAMPLER_INFO, resolve
+from ..samplers import SAMPLER_INFO
 from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
+from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
 from .codec import decode_bytes, decode_image, encode_png, latent_preview
 from .models import UnknownModel
 from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 
+log = logging.getLogger(__name__)
+
 MAX_SIDE = 4096
 MAX_BATCH = 64
-# sampler options clients send, and the values at which a sampler without that option loses nothing
-SAMPLER_NEUTRAL = {"eta": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-SAMPLER_OPTIONS = tuple(SAMPLER_NEUTRAL)
-RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 # img2img keywords of Pipeline.generate: without these it cannot do the job (501); the others are reported
 # as ignored when the pipeline does not take them
 REQUIRED_KWARGS = {"init_image": "img2img", "mask": "inpainting"}
@@ -51,7 +51,9 @@ class Plan:
     n_iter: int
     ignored: list
     save: bool
-    info_extra: dict = field(default_factory=dict)
+    comments: list = field(default_factory=list)  # warnings for the response's info
+    styles: list = field(default_factory=list)
+    prompts: dict = field(default_factory=dict)  # prompt as sent -> prompt generated from (missing LoRAs)
 
 
 @dataclass
@@ -59,9 +61,8 @@ class ServerState:
     store: object
     worker: object
     outdir: Path | None = None
-    options: dict = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
-                                                   "eta_noise_seed_delta": 0, "samples_format": "png",
-                                                   "live_previews_enable": True})
+    options: dict = field(default_factory=lambda: {**{name: default for name, (_, default) in OPTIONS.items()},
+                                                   "samples_format": "png", "live_previews_enable": True})
 
 
 def build_router(state):
@@ -141,13 +142,41 @@ def build_router(state):
     async def set_options(options: dict):
         apply_options(state, options)  # A1111 answers null
 
+    @router.get("/upscalers")
+    async def upscalers():  # the image upscalers hires fix can use (A1111's built-in ones; no models yet)
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in IMAGE_UPSCALERS]
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_UPSCALERS]
+
+    @router.get("/prompt-styles")
+    async def prompt_styles():
+        return [{"name": name, "prompt": prompt, "negative_prompt": negative}
+                for name, (prompt, negative) in state.store.styles().items()]
+
+    @router.get("/memory")
+    async def memory():
+        return {"ram": ram_figures(), "cuda": {"error": "unavailable"}}  # A1111's answer without torch.cuda
+
     # A1111 lists clients ask for at start-up; this server has none of these
-    for name in ("upscalers", "latent-upscale-modes", "sd-vae", "hypernetworks", "face-restorers",
-                 "prompt-styles", "realesrgan-models", "sd-modules"):
+    for name in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "sd-modules"):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
     router.add_api_route("/scripts", _no_scripts, methods=["GET"])
     router.add_api_route("/cmd-flags", _no_flags, methods=["GET"])
     return router
+
+
+def ram_figures():
+    """A1111's /memory RAM entry in bytes: this process's resident memory against the machine's total."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError) as e:  # no sysconf or /proc (Windows, macOS)
+        return {"error": f"unavailable ({e})"}
+    return {"free": total - used, "used": used, "total": total}
 
 
 async def _empty_list():
@@ -170,66 +199,36 @@ def plan_generation(state, req, mode):
     overrides = dict(req.override_settings or {})
     entry = _model_for(state, overrides.pop("sd_model_checkpoint", None))
     manifest = entry.manifest
-    sampler = req.sampler_name or req.sampler_index or "Euler"
-    try:
-        resolved = resolve(sampler, req.scheduler or "Automatic")
-    except ValueError as e:
-        raise ApiError(404, str(e)) from None
     _check_counts(req)
-    options = {**state.options, **overrides}
-    clip_skip = _int_option("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
-    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
-                  sampler=resolved.sampler, scheduler=resolved.schedule, clip_skip=clip_skip,
-                  rng=_rng_source(options["randn_source"]))
-    ignored = req.ignored_fields(handled=("denoising_strength",) if mode == "txt2img" else ())
-    ignored += [f"override_settings.{k}" for k in overrides if k not in state.options]
-    for name in SAMPLER_OPTIONS:
-        value = getattr(req, name)
-        if name == "s_tmax" and value == 0:
-            value = float("inf")  # A1111 reads 0 as "no upper bound"
-        if value is None or value == resolved.options.get(name, SAMPLER_NEUTRAL[name]):
-            continue
-        if name in resolved.options:
-            kwargs[name] = value
-        else:
-            ignored.append(name)
-    width, height = req.width, req.height
-    if mode == "img2img":
-        width, height = _plan_img2img(req, kwargs, manifest.vae_scale_factor)
-        if len(req.init_images) > 1:
-            ignored.append("init_images[1:]")
-    kwargs["width"], kwargs["height"] = _check_size(width or manifest.native_size, height or manifest.native_size,
-                                                    manifest.vae_scale_factor)
-    seed = random.randint(0, MAX_SEED) if req.seed == -1 else req.seed
-    _plan_variation(req, options, kwargs)
-    return Plan(mode, entry, kwargs, seed, req.batch_size, req.n_iter, ignored, req.save_images)
+    try:
+        t = translate(req, mode, {**state.options, **overrides}, state.store.styles(), state.store.find)
+    except TranslationError as e:
+        raise ApiError(e.status, str(e)) from None
+    t.ignored += [f"override_settings.{k}" for k in overrides if k not in state.options and k not in OPTIONS]
+    kwargs, f = t.kwargs, manifest.vae_scale_factor
+    init = kwargs.get("init_image")  # img2img's size defaults to the init image's, floored to the latent grid
+    width, height = (init.width // f * f, init.height // f * f) if init is not None else (manifest.native_size,) * 2
+    kwargs["width"], kwargs["height"] = _check_size(kwargs.get("width") or width, kwargs.get("height") or height, f)
+    prompts = _without_missing_loras(kwargs, state.store.lora_names(), t.comments)
+    return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
+                t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts)
 
 
-def _plan_variation(req, options, kwargs):
-    """A1111's variation seed, seed resize and ENSD, passed only when they change something."""
-    if req.subseed_strength:
-        kwargs.update(subseed=random.randint(0, MAX_SEED) if req.subseed == -1 else req.subseed,
-                      subseed_strength=req.subseed_strength)
-    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
-        kwargs.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
-    ensd = options.get("eta_noise_seed_delta") or 0
-    if ensd:
-        kwargs["ensd"] = _int_option("eta_noise_seed_delta", ensd, 0, MAX_SEED)
-
-
-def _plan_img2img(req, kwargs, factor):
-    """Decode the init image and mask into kwargs; the size defaults to the init image's, floored to `factor`."""
-    if not req.init_images:
-        raise ApiError(422, "img2img needs init_images: a list holding one base64-encoded image")
-    image = decode_image(req.init_images[0], "init_images[0]")
-    kwargs.update(init_image=image, strength=req.denoising_strength, resize_mode=req.resize_mode)
-    if req.mask is not None:
-        kwargs.update(mask=decode_image(req.mask, "mask"),
-                      mask_blur=req.mask_blur if req.mask_blur is not None else req.mask_blur_x,
-                      inpainting_fill=req.inpainting_fill, inpaint_full_res=req.inpaint_full_res,
-                      inpaint_full_res_padding=req.inpaint_full_res_padding,
-                      inpainting_mask_invert=req.inpainting_mask_invert)
-    return req.width or image.width // factor * factor, req.height or image.height // factor * factor
+def _without_missing_loras(kwargs, available, comments):
+    """A1111 generates without a LoRA it cannot find and says so: the tags go from the prompts generate sees.
+    Returns {prompt as sent: prompt generated from} for putting the tags back into the infotexts."""
+    missing, restore = [], {}
+    for key in ("prompt", "hires_prompt"):
+        if kwargs.get(key):
+            kept, gone = drop_missing_loras(kwargs[key], available)
+            if gone:
+                restore[kwargs[key]] = kept
+                kwargs[key] = kept
+                missing += [name for name in gone if name not in missing]
+    if missing:
+        comments.append(f"Lora not found: {', '.join(missing)}")
+        log.warning("Lora not found: %s", ", ".join(missing))
+    return restore
 
 
 def _fit_keywords(pipe, plan):
@@ -242,7 +241,7 @@ def _fit_keywords(pipe, plan):
         elif name in REQUIRED_KWARGS:
             raise ApiError(501, f"{REQUIRED_KWARGS[name]} is not available in this build: "
                                 f"Pipeline.generate takes no {name} yet")
-        elif name in SAMPLER_OPTIONS:
+        elif name in SAMPLER_NEUTRAL:
             kwargs[name] = value  # a sampler option, taken through **sampler_options
         else:
             plan.ignored.append(name)
@@ -274,18 +273,6 @@ def _check_size(width, height, factor):
     return width, height
 
 
-def _int_option(name, value, low=1, high=24):
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ApiError(422, f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    return value
-
-
-def _rng_source(value):
-    if value not in RNG_SOURCES:
-        raise ApiError(422, f"randn_source {value!r} is not one of {', '.join(RNG_SOURCES)}")
-    return RNG_SOURCES[value]
-
-
 # ---------------------------------------------------------------------------- running
 
 
@@ -307,7 +294,7 @@ def run_plan(job, pipeline_for, plan, outdir):
                                batch_count=1, callback=job.callback, **preview)
         images += result.images
         seeds += result.seeds
-        infotexts += result.infotexts
+        infotexts += [_with_sent_prompt(text, plan.prompts) for text in result.infotexts]
         parameters = result.parameters
     if plan.save and outdir is not None:
         for image, seed, text in zip(images, seeds, infotexts):
@@ -317,8 +304,17 @@ def run_plan(job, pipeline_for, plan, outdir):
             "interrupted": job.stop}
 
 
+def _with_sent_prompt(text, prompts):
+    """The infotext with the prompt as the client sent it (the tags of LoRAs not found included, as A1111)."""
+    for sent, generated in prompts.items():
+        if text.startswith(generated):
+            return sent + text[len(generated):]
+    return text
+
+
 async def _generate(state, plan, req, request):
-    job = state.worker.submit(lambda job, pipeline_for: run_plan(job, pipeline_for, plan, state.outdir), plan.mode)
+    job = state.worker.submit(lambda job, pipeline_for: run_plan(job, pipeline_for, plan, state.outdir), plan.mode,
+                              task_id=req.force_task_id)
     outcome = await _wait(job, request)
     return {"images": outcome["images"] if req.send_images else [], "parameters": req.model_dump(),
             "info": json.dumps(_info(plan, req, outcome, job), ensure_ascii=False)}
@@ -347,8 +343,9 @@ def _info(plan, req, outcome, job):
     kw, m = plan.kwargs, plan.entry
     params = outcome["parameters"]
     seeds = outcome["seeds"]
+    prompt = next((sent for sent, used in plan.prompts.items() if used == kw["prompt"]), kw["prompt"])
     return {
-        "prompt": kw["prompt"], "all_prompts": [kw["prompt"]] * len(seeds),
+        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
         "negative_prompt": kw["negative_prompt"], "all_negative_prompts": [kw["negative_prompt"]] * len(seeds),
         "seed": seeds[0] if seeds else plan.seed, "all_seeds": seeds,
         "subseed": kw.get("subseed", -1), "subseed_strength": kw.get("subseed_strength", 0),
@@ -358,8 +355,9 @@ def _info(plan, req, outcome, job):
         "batch_size": plan.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": kw.get("seed_resize_from_w", -1), "seed_resize_from_h": kw.get("seed_resize_from_h", -1),
-        "denoising_strength": kw.get("strength"), "extra_generation_params": _extra_params(params),
-        "index_of_first_image": 0, "infotexts": outcome["infotexts"], "styles": [],
+        "denoising_strength": kw.get("strength", kw.get("hires_denoising")),
+        "extra_generation_params": _extra_params(params), "index_of_first_image": 0, "infotexts": outcome["infotexts"],
+        "styles": plan.styles, "comments": "".join(f"{c}\n" for c in plan.comments),
         "job_timestamp": job.timestamp, "clip_skip": kw["clip_skip"],
         "is_using_inpainting_conditioning": plan.entry.manifest.is_inpaint, "version": f"sdonnx {__version__}",
         "ignored_fields": sorted(set(plan.ignored)), "interrupted": outcome["interrupted"],
@@ -408,10 +406,11 @@ def apply_options(state, options):
     """POST /options: switch the model, check the options generation reads, keep the rest as given."""
     options = dict(options)
     name = options.pop("sd_model_checkpoint", None)
-    if "CLIP_stop_at_last_layers" in options:
-        _int_option("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
-    if "randn_source" in options:
-        _rng_source(options["randn_source"])
+    try:
+        for key in set(options) & set(OPTIONS):
+            check_option(key, options[key])
+    except TranslationError as e:
+        raise ApiError(e.status, str(e)) from None
     if name:
         try:
             state.store.select(name)

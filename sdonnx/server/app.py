@@ -33,15 +33,16 @@ def create_app(models, *, provider="auto", device_id=0, api_auth=None, cors_allo
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
     (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
     """
+    sources = [models] if isinstance(models, (str, Path)) else list(models)
+    store = ModelStore(sources, lora_dirs, embedding_dirs)
     if load_pipeline is None:
         from ..pipeline import Pipeline
 
-        def load_pipeline(path):
-            return Pipeline.load(path, provider=provider, device_id=device_id)
+        def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
+            return Pipeline.load(path, provider=provider, device_id=device_id, lora_dir=store.lora_dir,
+                                 embeddings_dir=store.embeddings_dir)
 
-    sources = [models] if isinstance(models, (str, Path)) else list(models)
-    state = ServerState(ModelStore(sources, lora_dirs, embedding_dirs), Worker(load_pipeline),
-                        Path(outdir) if outdir else None)
+    state = ServerState(store, Worker(load_pipeline), Path(outdir) if outdir else None)
 
     @asynccontextmanager
     async def lifespan(app):

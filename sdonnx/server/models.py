@@ -1,4 +1,5 @@
 """What the server can offer: converted model folders, LoRA files and embeddings, found on disk."""
+import csv
 import json
 import logging
 import threading
@@ -10,6 +11,7 @@ from ..manifest import MANIFEST_NAME, ManifestError, load_manifest
 log = logging.getLogger(__name__)
 
 ADAPTER_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+STYLES_NAME = "styles.csv"  # A1111's styles file, here in the models folder
 
 
 class UnknownModel(ValueError):
@@ -43,6 +45,10 @@ class ModelStore:
         self.sources = [Path(s) for s in sources]
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.embedding_dirs = [Path(d) for d in embedding_dirs]
+        for dirs in (self.lora_dirs, self.embedding_dirs):
+            existing = [d for d in dirs if d.is_dir()]
+            if len(existing) > 1:  # a Pipeline reads one folder of each
+                log.warning("using %s; not %s", existing[0], ", ".join(map(str, existing[1:])))
         self._lock = threading.Lock()
         self._models = []
         self.current = None
@@ -83,6 +89,31 @@ class ModelStore:
             self.current = entry
         return entry
 
+    @property
+    def lora_dir(self):
+        """The LoRA folder generation reads (the first that exists): a Pipeline takes one."""
+        return _first_existing(self.lora_dirs)
+
+    @property
+    def embeddings_dir(self):
+        """The embeddings folder generation reads (the first that exists), None without one."""
+        return _first_existing(self.embedding_dirs)
+
+    def styles(self):
+        """A1111's prompt styles: {name: (prompt, negative prompt)} from styles.csv in the models folders,
+        read on every call (A1111 reloads the file too); the first definition of a name wins."""
+        found = {}
+        for source in self.sources:
+            path = source / STYLES_NAME
+            if path.is_file():
+                for row in _read_styles(path):
+                    found.setdefault(row[0], row[1:])
+        return found
+
+    def lora_names(self):
+        """The names `<lora:name:...>` tags can use: file names without suffix, as a Pipeline finds them."""
+        return {path.stem for path in _files(self.lora_dirs)}
+
     def loras(self):
         """A1111 /loras entries: name, alias, path, metadata (the safetensors header's metadata)."""
         out = []
@@ -119,10 +150,26 @@ def _model_folders(source):
     return []
 
 
+def _first_existing(dirs):
+    return next((d for d in dirs if d.is_dir()), None)
+
+
+def _read_styles(path):
+    """styles.csv rows as (name, prompt, negative prompt); A1111's header: name,prompt,negative_prompt."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return []
+    return [(row["name"], row.get("prompt") or "", row.get("negative_prompt") or "") for row in rows
+            if row.get("name")]
+
+
 def _files(dirs):
-    for d in dirs:
-        if d.is_dir():
-            yield from sorted(p for p in d.rglob("*") if p.suffix.lower() in ADAPTER_SUFFIXES and p.is_file())
+    d = _first_existing(dirs)  # the folder generation reads: the lists show what it can use
+    if d is not None:
+        yield from sorted(p for p in d.rglob("*") if p.suffix.lower() in ADAPTER_SUFFIXES and p.is_file())
 
 
 def _safetensors_header(path):

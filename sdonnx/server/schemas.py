@@ -1,31 +1,20 @@
-"""A1111 API request bodies. Unknown and unsupported fields are accepted; `ignored_fields` names them."""
+"""A1111 API request bodies, every field with A1111's default; a1111.py says what each one does here.
+
+Fields A1111 does not have are accepted too (clients send extension fields) and reported in `ignored_fields`.
+"""
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-# A1111 fields this server accepts without acting on, with A1111's default: a field at its default (or
-# empty, zero, false) changes nothing, so only a field set to something else is reported as ignored.
-A1111_DEFAULTS = {
-    "styles": None, "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
-    "restore_faces": None, "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False,
-    "s_min_uncond": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
-    "refiner_switch_at": None, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
-    "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None,
-    "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
-    "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
-    "force_task_id": None, "script_name": None, "script_args": [], "alwayson_scripts": {}, "infotext": None,
-    "image_cfg_scale": None, "include_init_images": False, "initial_noise_multiplier": None,
-    "latent_mask": None, "denoising_strength": None, "sampler_index": "Euler",
-}
 
-HIRES_PREFIXES = ("hr_", "firstphase_")
+class _Common(BaseModel):
+    """The fields A1111's txt2img and img2img requests share."""
 
-
-class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     prompt: str = ""
     negative_prompt: str = ""
+    styles: list[str] | None = None
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
@@ -40,36 +29,64 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float = 7.0
     width: int | None = None  # None: the model's native size (A1111 defaults to 512)
     height: int | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None  # None: the `tiling` setting
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
     eta: float | None = None
+    s_min_uncond: float | None = None
     s_churn: float | None = None
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
     send_images: bool = True
     save_images: bool = False
-
-    def ignored_fields(self, handled=()):
-        """Names of the fields sent with a value this server does not act on."""
-        extra = self.model_extra or {}
-        if not extra.get("enable_hr"):  # hires fields mean nothing without it (as in A1111)
-            handled = (*handled, *(k for k in extra if k.startswith(HIRES_PREFIXES)))
-        # empty/zero/false values ask for nothing, whatever the field
-        return sorted(k for k, v in extra.items() if k not in handled and v and v != A1111_DEFAULTS.get(k))
+    alwayson_scripts: dict[str, Any] = {}
+    infotext: str | None = None
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+class Txt2ImgRequest(_Common):
+    denoising_strength: float | None = 0.75  # the hires pass's
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstpass_image: str | None = None
+
+
+class Img2ImgRequest(_Common):
     init_images: list[str] | None = None
-    mask: str | None = None
-    denoising_strength: float = 0.75
     resize_mode: int = 0
-    mask_blur: int | None = None
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
     mask_blur_x: int = 4
     mask_blur_y: int = 4
+    mask_blur: int | None = None
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
     include_init_images: bool = False
 
 

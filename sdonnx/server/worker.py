@@ -23,8 +23,8 @@ class Job:
     ``preview=job.preview`` where generate takes one.
     """
 
-    def __init__(self, run, label):
-        self.id = f"task({uuid.uuid4().hex[:15]})"
+    def __init__(self, run, label, task_id=None):
+        self.id = task_id or f"task({uuid.uuid4().hex[:15]})"  # a client's own id (A1111's force_task_id)
         self.run = run
         self.label = label
         self.future = Future()
@@ -83,8 +83,8 @@ class Worker:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, run, label):
-        job = Job(run, label)
+    def submit(self, run, label, task_id=None):
+        job = Job(run, label, task_id)
         self._queue.put(job)
         return job
 
