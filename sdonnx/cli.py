@@ -143,7 +143,9 @@ def main(verbose):
 @click.option("--rng", type=click.Choice(["nv", "cpu"]), default="nv", show_default=True,
               help="Random number source: nv reproduces A1111's GPU seeds, cpu its CPU seeds.")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
-@click.option("--device-id", default=0, show_default=True, type=int)
+@click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
+@click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
+                                              "OpenVINO finds one, else CPU].")
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--lowmem/--no-lowmem", default=None,
@@ -153,8 +155,8 @@ def main(verbose):
                    "where it would re-create the UNet and VAE sessions per batch.")
 @_image_options
 def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
-             batch_size, batch_count, clip_skip, emphasis, embeddings_dir, rng, provider, device_id, lora_dir, outdir,
-             lowmem, **image_opts):
+             batch_size, batch_count, clip_skip, emphasis, embeddings_dir, rng, provider, device_id, device, lora_dir,
+             outdir, lowmem, **image_opts):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
     from .image import save_png
     from .pipeline import Pipeline
@@ -163,7 +165,7 @@ def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, schedule
         if lowmem is None:
             lowmem = batch_count == 1
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
-                             embeddings_dir=embeddings_dir)
+                             embeddings_dir=embeddings_dir, device=device)
         args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
                     sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
                     batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng,
@@ -204,25 +206,47 @@ def info(model):
 
 
 @main.command()
-def providers():
-    """Show the execution providers this machine offers."""
+@click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device to start on.")
+@click.option("--device", default=None, help="OpenVINO device to start on [default: a GPU when found, else CPU].")
+def providers(device_id, device):
+    """Show the execution providers that start here (each on a one-node graph) and their devices."""
     from .runtime import providers as p
 
     try:
         offered = p.available()
     except p.ProviderError as e:
         _fail(e)
+    import onnxruntime
+
     flavours = p.installed_flavours()
-    click.echo(f"onnxruntime packages: {', '.join(flavours) or 'none'}")
+    click.echo(f"onnxruntime {onnxruntime.__version__} ({', '.join(flavours) or 'no package found'})")
     conflict = p.flavour_conflict()
     if conflict:
         click.echo(f"warning: {conflict}", err=True)
+    started = []
     for name in p.AUTO_ORDER:
-        mark = "available" if name in offered else "-"
-        click.echo(f"{name:9} {p.PROVIDERS[name]:28} {mark}")
-    click.echo(f"auto picks: {offered[0]}")
+        status, found = _provider_status(p, name, offered, device_id, device)
+        if status.startswith("starts"):
+            started.append(name)
+        click.echo(f"{name:9} {p.PROVIDERS[name]:26} {status}")
+        if found:
+            click.echo(f"{'':9} devices: {', '.join(found)}")
+    click.echo(f"auto picks: {started[0] if started else 'nothing starts'}")
     if conflict:
         sys.exit(1)
+
+
+def _provider_status(p, name, offered, device_id, device):
+    """("starts" | "not in this onnxruntime build" | "does not start: reason", devices found)."""
+    if name not in offered:
+        return "not in this onnxruntime build", []
+    try:
+        options = p.provider_options(name, device_id, device if name == "openvino" else None)
+    except p.ProviderError as e:
+        return f"does not start: {e}", []
+    reason = None if name == "cpu" else p.probe(name, options)
+    detail = f" (device {options['device_type']})" if name == "openvino" else ""
+    return ("starts" + detail if not reason else f"does not start{detail}: {reason}"), p.devices(name)
 
 
 @main.command()

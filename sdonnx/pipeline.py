@@ -52,10 +52,18 @@ class GenerationResult:
     infotexts: list  # one A1111 "parameters" text per image
     parameters: dict = field(default_factory=dict)
     interrupted: bool = False  # a callback raised Interrupted: the images so far, the last one unfinished
+    providers: dict = field(default_factory=dict)  # component -> ONNX Runtime provider that ran it
+    devices: dict = field(default_factory=dict)  # component -> its device ("CPU", "GPU.1", CUDA/DirectML id)
 
     @property
     def infotext(self):
         return self.infotexts[0] if self.infotexts else ""
+
+
+def _ran_on(ran):
+    """{component: Session or (provider, device)} -> {component: (provider, device)} of those that ran."""
+    pairs = {name: getattr(item, "ran_on", item) for name, item in ran.items()}
+    return {name: pair for name, pair in pairs.items() if pair is not None}
 
 
 def _existing(folder):
@@ -78,6 +86,7 @@ class Pipeline:
         self._tiling = None
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
+        self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
         self.tokenizer = self.tokenizers[manifest.text_encoders[0].component]
         # textual inversion: a folder the user names must exist; the default one may be absent. The encoders
@@ -91,15 +100,17 @@ class Pipeline:
                                                            ns.num_train_timesteps))
 
     @classmethod
-    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False):
+    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
         textual inversion files, used by file name in prompts (default models/embeddings). lowmem: create
         each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
-        memory follows the largest component instead of their sum, at the cost of session creation time."""
+        memory follows the largest component instead of their sum, at the cost of session creation time.
+        device: the OpenVINO device (CPU, GPU, GPU.1, NPU, AUTO; default a GPU when present, else the CPU).
+        A provider named here that does not start on a one-node graph is a ProviderError."""
         manifest = load_manifest(path)
-        return cls(path, manifest, providers_mod.plan(provider, device_id), lora_dir=lora_dir,
+        return cls(path, manifest, providers_mod.plan(provider, device_id, device), lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, lowmem=lowmem)
 
     @property
@@ -123,6 +134,7 @@ class Pipeline:
             for old in [k for k in self._components if k[0] == name and k[1] is not None and k != key]:
                 del self._components[old]
             self._components[key] = kind[name](self.folder, self.manifest, name, self.plan, **options)
+        self._ran[name] = self._components[key].session
         return self._components[key]
 
     def _set_tiling(self, tiling):
@@ -207,6 +219,7 @@ class Pipeline:
         """lowmem: drop the sessions of a finished stage so peak memory follows the largest component."""
         if self.lowmem:
             dropped = [k for k in self._components if k[0] in names]
+            self._ran = _ran_on(self._ran)  # keep what ran, not the sessions being freed
             for key in dropped:
                 del self._components[key]
             if dropped:
@@ -265,6 +278,7 @@ class Pipeline:
         decodes the result (the hires pass, if any, runs on this model).
         """
         m = self.manifest
+        self._ran = {}
         init = self._init_plan(init_image, mask, width, height, resize_mode, mask_blur, inpainting_mask_invert,
                                inpaint_full_res, inpaint_full_res_padding, inpainting_fill, strength)
         width, height = _check_size(init.width if init else (width or m.native_size),
@@ -349,8 +363,10 @@ class Pipeline:
             if interrupted:
                 break
         self._release("vae_decoder", "vae_encoder")
+        self._ran = ran = _ran_on(self._ran)
         return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params,
-                                interrupted=interrupted)
+                                interrupted=interrupted, providers={k: v[0] for k, v in ran.items()},
+                                devices={k: v[1] for k, v in ran.items()})
 
     # ------------------------------------------------------------------ generate's stages
 

@@ -56,6 +56,7 @@ def test_info_and_providers(tiny_onnx):
     (["generate", "-m", "{model}", "x", "--scheduler", "Fancy"], "Karras"),
     (["generate", "-m", "{model}", "x", "--provider", "cuda"], "available: cpu"),
     (["generate", "-m", "{model}", "x", "--provider", "tpu"], "choose auto or one of cpu, cuda, dml"),
+    (["generate", "-m", "{model}", "x", "--provider", "cpu", "--device", "GPU"], "chooses an OpenVINO device"),
     (["info", "{missing}"], "does not exist"),
     (["convert", "{missing}", "-o", "{out}"], "does not exist"),
 ])

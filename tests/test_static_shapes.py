@@ -41,6 +41,8 @@ def test_static_sessions_match_dynamic_and_are_evicted(tiny_onnx):
 def test_gpu_plans_ask_for_static_shapes_and_binding(monkeypatch):
     import onnxruntime
 
+    monkeypatch.setattr(providers, "probe", lambda name, options=None: None)  # no GPU here: pretend it starts
+
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["DmlExecutionProvider", "CPUExecutionProvider"])
     assert providers.plan("dml").static_shapes and providers.plan("dml", device_id=1).bind_device == ("dml", 1)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -1,9 +1,13 @@
 """One wrapper around onnxruntime.InferenceSession: feeds validated, dtypes cast, outputs as float32."""
+import contextlib
 import ctypes
 import gc
 import logging
 import os
 import sys
+import tempfile
+import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -11,6 +15,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# onnxruntime writes why a provider did not start to the process's stderr (file descriptor 2), not to
+# Python: while a session is created, fd 2 is pointed at a file. One swap at a time across threads.
+_NATIVE_LOG_LOCK = threading.Lock()
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                  "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
@@ -31,18 +38,92 @@ def physical_cores():
     return len(cores) or max(1, (os.cpu_count() or 2) // 2)
 
 
+def thread_count():
+    """Intra-op threads: SDONNX_THREADS, else one per physical core."""
+    return int(os.environ.get("SDONNX_THREADS") or physical_cores())
+
+
 def return_freed_memory():
     """Hand memory freed by dropped sessions back to the OS. glibc keeps freed heap blocks for reuse, and
     most of a UNet's weights are blocks below its mmap threshold: without a trim, the process's resident
     memory after dropping the UNet session stays as high as with it (measured: 3.7 GB kept on SD 1.5).
     A no-op where the C library has no malloc_trim (macOS, Windows, musl)."""
     gc.collect()  # a session held only by reference cycles (sampler closures) goes now, not at some later gc
-    if not sys.platform.startswith("linux"):
-        return
+    trim_heap()
+
+
+def trim_heap(platform=None):
+    """glibc's malloc_trim(0): True when it ran. Only Linux has it (libc.so.6 is glibc's name; musl has
+    no malloc_trim, Windows and macOS no libc.so.6)."""
+    if not (platform or sys.platform).startswith("linux"):
+        return False
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
-        pass
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def native_log():
+    """Collect what native code writes to stderr (file descriptor 2) meanwhile: yields a list that holds
+    the text afterwards. Where fd 2 cannot be swapped (no console: pythonw on Windows), the list stays
+    empty and nothing is collected."""
+    collected = []
+    with _NATIVE_LOG_LOCK, tempfile.TemporaryFile() as sink:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, AttributeError, ValueError):
+            yield collected
+            return
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield collected
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            collected.append(sink.read().decode("utf-8", "replace"))
+
+
+def start_session(source, options, providers, name="session", auto=False):
+    """An InferenceSession that runs on providers[0], or the reason it does not.
+
+    onnxruntime, when a provider fails to start, logs a line and runs the session on the next provider in
+    the list (at least the CPU). Here a provider asked for that did not start raises ProviderStartError
+    with onnxruntime's reason; with auto=True a warning says so and the session runs on the next provider.
+    Whatever else onnxruntime logged while creating the session is passed on to stderr."""
+    import onnxruntime as ort
+
+    from .providers import ProviderStartError, native_reason, user_name
+
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    try:
+        # onnxruntime says "provider X is not in available provider names" as a Python warning
+        with native_log() as logged, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            session = ort.InferenceSession(source, sess_options=options, providers=providers, enable_fallback=0)
+    except Exception as error:
+        if wanted == "CPUExecutionProvider":
+            raise
+        # the provider or the model? A model the CPU cannot load either raises here, as it should
+        session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    else:
+        if session.get_providers()[0] == wanted:
+            if "".join(logged).strip():
+                sys.stderr.write("".join(logged))
+            for warning in warned:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            return session
+        reason = (native_reason("".join(logged)) or "; ".join(str(w.message).strip() for w in warned)
+                  or "onnxruntime gave no reason")
+    if not auto:
+        raise ProviderStartError(user_name(wanted), reason)
+    log.warning("%s: %s did not start (%s); running on %s", name, user_name(wanted), reason,
+                user_name(session.get_providers()[0]))
+    return session
 
 
 def session_options(plan):
@@ -52,7 +133,7 @@ def session_options(plan):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # one intra-op thread per physical core (SDONNX_THREADS overrides); inter-op stays 1: the graphs are
     # chains of big ops, not parallel branches
-    options.intra_op_num_threads = int(os.environ.get("SDONNX_THREADS") or physical_cores())
+    options.intra_op_num_threads = thread_count()
     if plan.disable_mem_pattern:
         options.enable_mem_pattern = False
     if plan.sequential:
@@ -90,6 +171,9 @@ class Session:
         self._dims = {k: list(v) for k, v in (dims or {}).items()} if plan.static_shapes else {}
         self._sessions = OrderedDict()  # free-dimension overrides -> session (one entry, () , when dynamic)
         self._session = None
+        self.ran_on = None  # (ORT provider, device) of the session created last; None before the first
+        # DirectML sessions must not run concurrently (a server thread per request would otherwise)
+        self._one_at_a_time = threading.Lock() if plan.one_run_at_a_time else contextlib.nullcontext()
         # GPU plans: steady inputs kept on the device between calls ({name: (host copy, device OrtValue)})
         self._resident, self._binding_failed, self.resident_reused = {}, False, 0
         if not self._dims:
@@ -106,7 +190,12 @@ class Session:
             options.add_session_config_entry(key, value)
         for dim, value in overrides:
             options.add_free_dimension_override_by_name(dim, value)
-        session = ort.InferenceSession(self._source, sess_options=options, providers=self._plan.providers)
+        from .providers import without_compiled_cache
+
+        providers = without_compiled_cache(self._plan.providers) if self._replacements else self._plan.providers
+        session = start_session(self._source, options, providers, name=self.name, auto=self._plan.auto)
+        self.ran_on = (session.get_providers()[0], self._plan.device(session.get_providers()[0]))
+        log.info("%s: runs on %s (device %s)", self.name, *self.ran_on)
         self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         return session
@@ -148,6 +237,10 @@ class Session:
     def run(self, feeds, outputs=None, steady=()):
         """steady: names of inputs that usually repeat from call to call (the text conditioning over the
         sampling steps); on a GPU plan they stay on the device while their values do not change."""
+        with self._one_at_a_time:
+            return self._run(feeds, outputs, steady)
+
+    def _run(self, feeds, outputs, steady):
         session = self._for(feeds)
         unknown = set(feeds) - set(self._inputs)
         missing = set(self._inputs) - set(feeds)
