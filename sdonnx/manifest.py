@@ -103,6 +103,11 @@ class Manifest:
         return "time_ids" in self.components["unet"].inputs
 
     @property
+    def is_sdxl(self):
+        """An SDXL base or refiner (A1111's `is_sdxl`: it picks SDXL's Align Your Steps table)."""
+        return self.family in ("sdxl", "sdxl_refiner")
+
+    @property
     def is_inpaint(self):
         return self.unet_in_channels == 2 * self.latent_channels + 1
 

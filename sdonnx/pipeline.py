@@ -299,7 +299,7 @@ class Pipeline:
                          hires_steps or steps, hires_denoising, m.vae_scale_factor, bool(hires_steps)) if hires else None
         self._set_tiling(tiling)
         sigma_overrides = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-        sigmas = _img2img_sigmas(build_sigmas(resolved, steps, self.model_sigmas, **sigma_overrides),
+        sigmas = _img2img_sigmas(build_sigmas(resolved, steps, self.model_sigmas, sdxl=m.is_sdxl, **sigma_overrides),
                                  init.strength if init else None)
         variation = subseed_strength > 0
         subseed = (random.randint(0, MAX_SEED) if subseed is None or int(subseed) == -1 else int(subseed)) if variation else None
@@ -482,8 +482,8 @@ class Pipeline:
             start = self._encode(np.concatenate([to_array(im) for im in images]), tiled_vae)
         hr_resolved = resolve(hires_sampler or resolved.sampler, hires_scheduler or resolved.schedule)
         options = sampler_options if hr_resolved.sampler == resolved.sampler else {}
-        sigmas = _img2img_sigmas(build_sigmas(hr_resolved, hr.steps, self.model_sigmas, **sigma_overrides),
-                                 hr.denoising)
+        sigmas = _img2img_sigmas(build_sigmas(hr_resolved, hr.steps, self.model_sigmas, sdxl=m.is_sdxl,
+                                              **sigma_overrides), hr.denoising)
         noise = ImageRNG(shape, seeds, **rng_args).first()
         unet = self._component("unet")
         denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type,

@@ -70,3 +70,29 @@ def test_txt2img_matches_diffusers(base, sampler, scheduler_cls, kwargs, limits)
     ref = diffusers_images(torch_pipe, _scheduler(torch_pipe, scheduler_cls, **kwargs), PROMPT, NEGATIVE, latents,
                            STEPS, CFG)
     _compare(ours, ref, limits, f"sdxl {sampler} Karras vs diffusers {scheduler_cls}")
+
+
+def test_align_your_steps_uses_the_sdxl_table(base, tiny_onnx, monkeypatch):
+    """A1111 picks Align Your Steps' table by the model (is_sdxl), for the first pass and the hires pass."""
+    from sdonnx.samplers import SAMPLERS
+    from sdonnx.schedules import AYS_SIGMAS_SD1, AYS_SIGMAS_SDXL
+
+    seen = []
+    euler = SAMPLERS["Euler"]
+
+    def spy(denoise, x, sigmas, **kwargs):
+        seen.append(np.asarray(sigmas))
+        return euler(denoise, x, sigmas, **kwargs)
+
+    monkeypatch.setitem(SAMPLERS, "Euler", spy)
+    _, pipe = base
+    pipe.generate(PROMPT, steps=10, sampler="Euler", scheduler="Align Your Steps", seed=1, hires=True,
+                  hires_scale=1.5, hires_steps=10, hires_denoising=1.0)
+    sd1 = Pipeline.load(tiny_onnx("sd1"), provider="cpu")
+    sd1.generate(PROMPT, steps=10, sampler="Euler", scheduler="Align Your Steps", seed=1, width=64, height=64)
+    assert [len(s) for s in seen] == [11, 11, 11]
+    sdxl_10 = np.exp(np.interp(np.linspace(0, 1, 10), np.linspace(0, 1, 11), np.log(AYS_SIGMAS_SDXL[::-1])))[::-1]
+    sd1_10 = np.exp(np.interp(np.linspace(0, 1, 10), np.linspace(0, 1, 11), np.log(AYS_SIGMAS_SD1[::-1])))[::-1]
+    np.testing.assert_allclose(seen[0], [*sdxl_10, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(seen[1], [*sdxl_10, 0.0], rtol=1e-12)  # hires pass, denoising 1: every step
+    np.testing.assert_allclose(seen[2], [*sd1_10, 0.0], rtol=1e-12)

@@ -117,11 +117,12 @@ def resolve(sampler, scheduler="Automatic"):
     return Resolved(name, schedule, dict(info.options), info.discard_penultimate_sigma)
 
 
-def build_sigmas(resolved, steps, model_sigmas, *, sigma_min=None, sigma_max=None, rho=None, **options):
+def build_sigmas(resolved, steps, model_sigmas, *, sigma_min=None, sigma_max=None, rho=None, sdxl=False,
+                 **options):
     """The sigmas a sampler runs on for `steps` steps: [steps + 1], ending in 0 (A1111 `get_sigmas`).
 
     sigma_min/sigma_max default to the ends of the model's table; rho applies to Karras and
-    Polyexponential only. Samplers that discard the penultimate sigma get one extra sigma built and
+    Polyexponential only; sdxl (the manifest's `is_sdxl`) picks Align Your Steps' SDXL table. Samplers that discard the penultimate sigma get one extra sigma built and
     the next-to-last removed, so the step count stays `steps`.
     """
     model_sigmas = np.asarray(model_sigmas, dtype=np.float64)
@@ -131,6 +132,8 @@ def build_sigmas(resolved, steps, model_sigmas, *, sigma_min=None, sigma_max=Non
         if resolved.schedule not in DEFAULT_RHO:
             raise ValueError(f"rho applies to {', '.join(DEFAULT_RHO)} schedules, not {resolved.schedule!r}")
         options["rho"] = rho
+    if resolved.schedule == "Align Your Steps":
+        options["sdxl"] = sdxl
     n = steps + 1 if resolved.discard_penultimate_sigma else steps
     sigmas = SCHEDULES[resolved.schedule](n, sigma_min, sigma_max, model_sigmas=model_sigmas, **options)
     if resolved.discard_penultimate_sigma:
