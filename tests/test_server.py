@@ -636,7 +636,8 @@ class Chromium:
     def wait_for(self, expression, timeout=30):
         deadline = time.monotonic() + timeout
         while not self.js(expression):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            status = self.js("document.getElementById('status')?.textContent")
+            assert time.monotonic() < deadline, f"timed out waiting for {expression} (status: {status})"
             time.sleep(0.1)
 
     def close(self):
@@ -650,37 +651,122 @@ class Chromium:
         os.close(self._from_browser)
 
 
-def test_web_page_in_headless_chromium(server, tmp_path):
+@pytest.fixture
+def browser(tmp_path):
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if binary is None:
         pytest.skip("no chromium/chrome on PATH (apt-get install chromium) to drive the web page")
     browser = Chromium(binary, tmp_path / "profile")
     try:
-        browser.open(server.url + "/")
-        browser.wait_for("document.body && document.body.dataset.ready === '1'")
-        assert browser.js("document.querySelectorAll('#sampler_name option').length") == len(SAMPLER_NAMES)
-        assert browser.js("document.querySelector('#lora option[value=detail]').textContent") == "add_detail"
-        browser.js("""(() => {
-            const set = (id, v) => { document.getElementById(id).value = v; };
-            set('prompt', 'a lighthouse at dusk'); set('negative_prompt', 'fog'); set('steps', '4');
-            set('seed', '77'); set('width', '64'); set('height', '64'); set('batch_size', '2');
-            set('sampler_name', 'DPM++ 2M'); set('scheduler', 'Karras');
-            set('lora', 'detail'); document.getElementById('add_lora').click();
-        })()""")
-        assert browser.js("document.getElementById('prompt').value") == "a lighthouse at dusk, <lora:detail:1>"
-        browser.js("""document.getElementById('prompt').value = 'a lighthouse at dusk';
-                      document.getElementById('generate').click()""")
-        browser.wait_for("[...document.querySelectorAll('#results img')].filter("
-                         "i => i.complete && i.naturalWidth === 64).length === 2")
-        text = browser.js("document.querySelector('#results pre').textContent")
-        assert text.startswith("a lighthouse at dusk\nNegative prompt: fog\n") and "Seed: 77," in text
-        assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
-        browser.js("document.getElementById('seed').value = '-1'; document.querySelectorAll('.reuse')[1].click()")
-        browser.wait_for("document.getElementById('status').textContent.includes('Parameters loaded')")
-        assert browser.js("document.getElementById('seed').value") == "78"
-        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+        yield browser
     finally:
         browser.close()
+
+
+def _open_page(browser, server):
+    browser.open(server.url + "/")
+    browser.wait_for("document.body && document.body.dataset.ready === '1'")
+
+
+def test_web_page_hires_fix_png_info_and_painter(server, client, browser):
+    """The hires fix section, the PNG-info tab and its "Send to txt2img", the mask painter's size."""
+    _open_page(browser, server)
+    browser.js("""(() => {
+        const set = (id, v) => { document.getElementById(id).value = v; };
+        set('prompt', 'a harbour'); set('steps', '2'); set('seed', '5'); set('width', '64'); set('height', '64');
+        set('sampler_name', 'Euler');
+        document.getElementById('hires_section').open = true;
+        document.getElementById('enable_hr').checked = true; set('hr_scale', '2'); set('hr_upscaler', 'Lanczos');
+        document.getElementById('generate').click();
+    })()""")
+    browser.wait_for("[...document.querySelectorAll('#results img')].some(i => i.complete && i.naturalWidth === 128)")
+    text = browser.js("document.querySelector('#results pre').textContent")
+    for key in ("Hires upscale: 2", "Hires upscaler: Lanczos", "Denoising strength: 0.7", "Size: 64x64", "Seed: 5,"):
+        assert key in text, text
+    # PNG info: the image dropped on the tab, its parameters read back, then sent to txt2img
+    browser.js("""(async () => {
+        document.querySelector('.tab[data-tab=pnginfo_tab]').click();
+        const blob = await (await fetch(document.querySelector('#results img').src)).blob();
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('png_drop').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer}));
+    })()""")
+    browser.wait_for("document.getElementById('png_text').textContent.includes('Hires upscale: 2')")
+    assert browser.js("document.getElementById('png_text').textContent") == text
+    rows = browser.js("[...document.querySelectorAll('#png_params tr')].map(r => r.textContent)")
+    assert "Hires upscale2" in rows and "Seed5" in rows
+    assert browser.js("document.getElementById('generate_tab').hidden") is True
+    browser.js("""document.getElementById('enable_hr').checked = false; document.getElementById('seed').value = '-1';
+                  document.getElementById('hr_upscaler').value = 'Latent';
+                  document.getElementById('png_to_txt2img').click()""")
+    assert browser.js("document.getElementById('generate_tab').hidden") is False
+    form = browser.js("""['enable_hr', 'seed', 'hr_scale', 'hr_upscaler', 'hr_denoising_strength', 'steps', 'prompt']
+                         .map(id => { const e = document.getElementById(id); return e.type === 'checkbox' ? e.checked : e.value; })""")
+    assert form == [True, "5", "2", "Lanczos", "0.7", "2", "a harbour"]
+    # the mask painter: tiny and huge images are both shown in a 512 px box, painting at image pixels
+    sizes = browser.js("""(async () => {
+        document.querySelector('input[name=mode][value=img2img]').click();
+        const out = [];
+        for (const [w, h] of [[16, 16], [2048, 1024]]) {
+            const c = document.createElement('canvas'); c.width = w; c.height = h;
+            loadInitImage(c.toDataURL('image/png'));
+            await new Promise(r => setTimeout(r, 300));
+            const box = document.getElementById('mask_canvas').getBoundingClientRect();
+            out.push([document.getElementById('mask_canvas').width, Math.round(box.width), Math.round(box.height)]);
+        }
+        return out;
+    })()""")
+    assert sizes == [[16, 512, 512], [2048, 512, 256]]
+    defaults = browser.js("['inpainting_fill', 'inpaint_full_res', 'inpaint_full_res_padding', 'resize_mode']"
+                          ".map(id => document.getElementById(id).selectedOptions?.[0]?.textContent ?? "
+                          "document.getElementById(id).value)")
+    assert defaults == ["original", "Whole picture", "32", "Just resize"]  # A1111's UI defaults
+    assert browser.js("document.getElementById('hires_section').hidden") is True  # no hires fix in img2img
+
+
+def test_web_page_shows_only_its_own_progress(server, client, browser):
+    """A job from another client holds the device: the page says it waits, and shows no progress as its own."""
+    _open_page(browser, server)
+    thread, box = _post_in_thread(client, f"{API}/txt2img", {"prompt": "other tab", "steps": 1000})
+    try:
+        _wait_for_step(client, 2)
+        browser.js("""document.getElementById('steps').value = '2'; document.getElementById('width').value = '64';
+                      document.getElementById('generate').click()""")
+        browser.wait_for("document.getElementById('status').textContent.includes('another job is running')")
+        time.sleep(1.0)  # several polls while the other job runs
+        assert browser.js("document.getElementById('status').textContent").startswith("Waiting: another job")
+        assert browser.js("document.getElementById('progress').value") == 0
+        assert browser.js("document.getElementById('preview').hidden") is True
+    finally:
+        client.post(f"{API}/interrupt")
+        thread.join(30)
+    browser.wait_for("document.getElementById('status').textContent.startsWith('Done')")
+    assert box["response"].status_code == 200
+
+
+def test_web_page_in_headless_chromium(server, browser, tmp_path):
+    _open_page(browser, server)
+    assert browser.js("document.querySelectorAll('#sampler_name option').length") == len(SAMPLER_NAMES)
+    assert browser.js("document.querySelector('#lora option[value=detail]').textContent") == "add_detail"
+    browser.js("""(() => {
+        const set = (id, v) => { document.getElementById(id).value = v; };
+        set('prompt', 'a lighthouse at dusk'); set('negative_prompt', 'fog'); set('steps', '4');
+        set('seed', '77'); set('width', '64'); set('height', '64'); set('batch_size', '2');
+        set('sampler_name', 'DPM++ 2M'); set('scheduler', 'Karras');
+        set('lora', 'detail'); document.getElementById('add_lora').click();
+    })()""")
+    assert browser.js("document.getElementById('prompt').value") == "a lighthouse at dusk, <lora:detail:1>"
+    browser.js("""document.getElementById('prompt').value = 'a lighthouse at dusk';
+                  document.getElementById('generate').click()""")
+    browser.wait_for("[...document.querySelectorAll('#results img')].filter("
+                     "i => i.complete && i.naturalWidth === 64).length === 2")
+    text = browser.js("document.querySelector('#results pre').textContent")
+    assert text.startswith("a lighthouse at dusk\nNegative prompt: fog\n") and "Seed: 77," in text
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
+    browser.js("document.getElementById('seed').value = '-1'; document.querySelectorAll('.reuse')[1].click()")
+    browser.wait_for("document.getElementById('status').textContent.includes('Parameters loaded')")
+    assert browser.js("document.getElementById('seed').value") == "78"
+    shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
     (tmp_path / "server_page.png").write_bytes(shot)
     artifacts = ROOT / "tests" / "artifacts"
     if artifacts.is_dir():
