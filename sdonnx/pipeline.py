@@ -160,9 +160,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
 
-    def encode_prompts(self, prompt, negative_prompt="", steps=1, clip_skip=1, emphasis="Original", guidance=True):
+    def encode_prompts(self, prompt, negative_prompt="", steps=1, clip_skip=1, emphasis="Original", guidance=True,
+                       first_pass_steps=None):
         """Prompt and negative prompt (A1111 prompt language, extra-network tags already taken out) ->
-        (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis)."""
+        (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis).
+
+        steps: the model calls to schedule over (`SamplerInfo.total_steps`); first_pass_steps: for the hires
+        pass, the first pass's, which its prompt-editing timeline continues (A1111 >= 1.6)."""
         self.embeddings.refresh()
         m = self.manifest
         parts = embedding_parts(t.component for t in m.text_encoders)  # SDXL: each encoder its part of a file
@@ -172,7 +176,7 @@ class Pipeline:
                     for t, part in zip(m.text_encoders, parts)]
         # a UNet with added conditions takes entries that carry the pooled output (and later the time ids)
         encoder = JointPromptEncoder(encoders, m.force_zeros_for_empty_prompt) if m.has_added_conditions else encoders[0]
-        conditioning = encode_prompt(encoder, prompt, negative_prompt, steps, guidance=guidance)
+        conditioning = encode_prompt(encoder, prompt, negative_prompt, steps, guidance, first_pass_steps)
         hashes = {name.replace(":", "").replace(",", ""): e.shorthash for name, e in encoder.used.items()}
         emphasized = emphasis != "Original" and any(c in prompt + negative_prompt for c in "([")
         return conditioning, {"TI hashes": hashes or None, "Emphasis": emphasis if emphasized else None}
@@ -306,16 +310,20 @@ class Pipeline:
         # --- conditioning start (prompt language: issue 4)
         prompt_text, networks = extract_networks(prompt)  # A1111 takes tags from the positive prompt only
         lora_hashes = self.set_loras(lora_requests(networks))  # LoRA hook: before the text encoder runs
-        conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, steps, clip_skip, emphasis,
+        calls = SAMPLER_INFO[resolved.sampler].total_steps(steps)  # A1111 schedules prompts over model calls
+        conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, calls, clip_skip, emphasis,
                                                           guidance=cfg_scale != 1.0)
-        hr_conditioning = self._hires_conditioning(hr, hires_prompt, hires_negative_prompt, prompt, negative_prompt,
-                                                   conditioning, clip_skip, emphasis, cfg_scale)
+        hr_conditioning = self._hires_conditioning(hr, resolve(hires_sampler or resolved.sampler,
+                                                               hires_scheduler or resolved.schedule),
+                                                   hires_prompt, hires_negative_prompt, prompt, negative_prompt,
+                                                   calls, clip_skip, emphasis, cfg_scale)
         added = dict(crop=crop_top_left, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
         conditioning = self.with_time_ids(conditioning, width, height, **added)
         if hr is not None:  # A1111 conditions the second pass on the hires size
             hr_conditioning = self.with_time_ids(hr_conditioning, hr.width, hr.height, **added)
-        refine = self._refiner_plan(refiner, refiner_switch_at, prompt_text, negative_prompt, steps, clip_skip,
-                                    emphasis, cfg_scale, (width, height), added, len(sigmas) - 1)
+        refine = self._refiner_plan(refiner, refiner_switch_at, prompt_text, negative_prompt, calls, clip_skip,
+                                    emphasis, cfg_scale, (width, height), added,
+                                    SAMPLER_INFO[resolved.sampler].total_steps(len(sigmas) - 1))
         # --- conditioning end
         self._release("text_encoder")
         init_latent, image_cond = self._init_latents(init, shape, tiled_vae)
@@ -439,7 +447,8 @@ class Pipeline:
     def _refiner_plan(self, refiner, switch_at, prompt, negative, steps, clip_skip, emphasis, cfg_scale, size,
                       added, sampled_steps):
         """A1111's refiner switch: (refiner Pipeline, its conditioning, the denoiser call it takes over at),
-        or None without a refiner. A1111 switches at the first call i with i / steps >= switch_at."""
+        or None without a refiner. A1111 switches at the first call i with i / steps >= switch_at; steps and
+        sampled_steps count model calls (`SamplerInfo.total_steps`)."""
         if refiner is None:
             return None
         if not 0 < switch_at < 1:
@@ -462,13 +471,15 @@ class Pipeline:
         at = next(i for i in range(sampled_steps + 1) if i / sampled_steps >= switch_at)
         return refiner, conditioning, at
 
-    def _hires_conditioning(self, hr, hires_prompt, hires_negative, prompt, negative, conditioning, clip_skip,
-                            emphasis, cfg_scale):
-        if hr is None or (not hires_prompt and not hires_negative):
-            return conditioning
+    def _hires_conditioning(self, hr, hr_resolved, hires_prompt, hires_negative, prompt, negative, first_calls,
+                            clip_skip, emphasis, cfg_scale):
+        """The hires pass's own conditioning, as A1111 makes it even without a hires prompt: its prompt
+        editing goes on from where the first pass's `first_calls` model calls ended."""
+        if hr is None:
+            return None
         text, _ = extract_networks(hires_prompt or prompt)
-        return self.encode_prompts(text, hires_negative or negative, hr.steps, clip_skip, emphasis,
-                                   guidance=cfg_scale != 1.0)[0]
+        return self.encode_prompts(text, hires_negative or negative, SAMPLER_INFO[hr_resolved.sampler].total_steps(hr.steps),
+                                   clip_skip, emphasis, guidance=cfg_scale != 1.0, first_pass_steps=first_calls)[0]
 
     def _hires_pass(self, hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides, conditioning,
                     cfg_scale, seeds, rng_args, on_step, sampler_options, tiled_vae):

@@ -63,26 +63,75 @@ def test_weighted_long_prompt_matches_a1111_method(sd1, clip_skip):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("sampler, calls", [("Euler", 6), ("Heun", 11)])
-def test_prompt_editing_switches_at_a1111_step(sd1, sampler, calls, monkeypatch):
+def _spy_contexts(monkeypatch):
+    """The cond context of every UNet call (batch [uncond, cond, ...]), in call order."""
     from sdonnx.runtime.components import UNet
 
-    _, folder = sd1
-    pipe = Pipeline.load(folder, provider="cpu")
     contexts, run = [], UNet.__call__
     monkeypatch.setattr(UNet, "__call__", lambda self, x, t, c: contexts.append(np.array(c)) or run(self, x, t, c))
-    pipe.generate("a [cat:dog:3] AND sky :0.5", "blurry", steps=6, cfg_scale=5.0, sampler=sampler, seed=1)
-    assert len(contexts) == calls
-    cat, _ = pipe.encode_prompts("a cat", "", steps=6, guidance=False)
-    dog, _ = pipe.encode_prompts("a dog", "", steps=6, guidance=False)
-    cat, dog = cat.at(0)[1][0][0], dog.at(0)[1][0][0]
-    # batch [uncond, cond AND-part 1, part 2]; A1111 counts denoiser calls from 0 and switches after step 3
-    seen = ["cat" if np.allclose(c[1], cat, atol=1e-6) else "dog" if np.allclose(c[1], dog, atol=1e-6) else "?"
-            for c in contexts]
-    # calls past the last end step fall back to the first entry, as A1111's reconstruct_cond_batch does
-    # (Heun's extra calls: steps 7..10 see "cat" again)
-    assert seen == ["cat" if i <= 3 or i > 6 else "dog" for i in range(calls)]
+    return contexts
+
+
+def _which(pipe, contexts, index=1):
+    """Name each call's context ("cat", "dog") by comparing with the plain prompts' encodings."""
+    known = {name: pipe.encode_prompts(f"a {name}", "", guidance=False)[0].at(0)[1][0][0] for name in ("cat", "dog")}
+    return [next((n for n, z in known.items() if np.allclose(c[index], z, atol=1e-6)), "?") for c in contexts]
+
+
+@pytest.mark.parametrize("sampler, calls", [("Euler", 6), ("Heun", 11)])
+def test_prompt_editing_switches_at_a1111_step(sd1, sampler, calls, monkeypatch):
+    _, folder = sd1
+    pipe = Pipeline.load(folder, provider="cpu")
+    contexts = _spy_contexts(monkeypatch)
+    result = pipe.generate("a [cat:dog:3] AND sky :0.5", "blurry", steps=6, cfg_scale=5.0, sampler=sampler, seed=1)
+    assert len(contexts) == calls and "Steps: 6," in result.infotext
+    # batch [uncond, cond AND-part 1, part 2]; A1111 counts denoiser calls from 0 and switches after call 3:
+    # a step number counts model calls, so with Heun (2 calls a step) that is after its second step
+    assert _which(pipe, contexts) == ["cat" if i <= 3 else "dog" for i in range(calls)]
     assert all(c.shape[0] == 3 for c in contexts)
+
+
+# A1111 schedules prompts over SamplerData.total_steps: 2 model calls a step for its second-order samplers
+SECOND_ORDER = ["Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"]
+
+
+@pytest.mark.parametrize("sampler", [*SECOND_ORDER, "Euler", "DPM++ 2M", "LMS"])
+def test_prompt_editing_fraction_counts_model_calls(sd1, sampler, monkeypatch):
+    """[cat:dog:0.5] over 4 steps: A1111 switches after call int(0.5 * total_steps(4)), i.e. after call 4
+    of 8 for second-order samplers (2 per step), after call 2 for the others."""
+    _, folder = sd1
+    pipe = Pipeline.load(folder, provider="cpu")
+    contexts = _spy_contexts(monkeypatch)
+    pipe.generate("a [cat:dog:0.5]", steps=4, cfg_scale=5.0, sampler=sampler, seed=1)
+    switch = 4 if sampler in SECOND_ORDER else 2
+    seen = _which(pipe, contexts)
+    assert seen == ["cat" if i <= switch else "dog" for i in range(len(contexts))], seen
+    assert "dog" in seen
+
+
+def test_prompt_alternation_alternates_every_model_call_of_heun(sd1, monkeypatch):
+    _, folder = sd1
+    pipe = Pipeline.load(folder, provider="cpu")
+    contexts = _spy_contexts(monkeypatch)
+    pipe.generate("a [cat|dog]", steps=3, cfg_scale=5.0, sampler="Heun", seed=1)
+    # entries end at calls 1..6 (cat, dog, cat, ...); call i takes the first entry ending at or after i
+    assert _which(pipe, contexts) == ["cat", "cat", "dog", "cat", "dog"]
+
+
+@pytest.mark.parametrize("prompt, first, second", [
+    ("a [cat:dog:1.5]", ["cat"] * 4, ["cat"] * 3 + ["dog"]),  # a fraction past 1: into the hires pass
+    ("a [cat:dog:6]", ["cat"] * 4, ["cat"] * 3 + ["dog"]),  # step 6 = call 2 of the hires pass (4 + 2)
+    ("a [cat:dog:0.5]", ["cat"] * 3 + ["dog"], ["dog"] * 4),  # done in the first pass: "to" throughout
+])
+def test_hires_pass_continues_the_prompt_editing_timeline(sd1, prompt, first, second, monkeypatch):
+    """A1111 >= 1.6 encodes the hires pass's prompt with the first pass's steps as offset: a step number n
+    is call n - first_pass_steps of the hires pass, a fraction f is (f - 1) of the hires steps."""
+    _, folder = sd1
+    pipe = Pipeline.load(folder, provider="cpu")
+    contexts = _spy_contexts(monkeypatch)
+    pipe.generate(prompt, steps=4, cfg_scale=5.0, sampler="Euler", seed=1, width=64, height=64, hires=True,
+                  hires_scale=1.5, hires_steps=4, hires_denoising=1.0)
+    assert _which(pipe, contexts) == first + second
 
 
 def test_textual_inversion_matches_diffusers(sd1, tmp_path):

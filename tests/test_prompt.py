@@ -81,6 +81,28 @@ def test_schedule_doc_example_100_steps():
         (100, "fantasy landscape with a lake and a christmas tree in background masterful")]
 
 
+# A1111's hires doctests: get_learned_conditioning_prompt_schedules([p], 10, 10), the hires pass of a job
+# whose first pass took 10 steps
+@pytest.mark.parametrize("text, expected", [
+    ("a [b:.5] c", [(10, "a b c")]),
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [b:15] c", [(5, "a  c"), (10, "a b c")]),  # a step number goes on counting from the first pass's end
+    ("a [b:c:8] d", [(10, "a c d")]),
+    ("[a|b]", [(i, "a" if i % 2 else "b") for i in range(1, 11)]),
+])
+def test_schedule_hires_pass(text, expected):
+    assert schedule(text, 10, first_pass_steps=10) == expected
+
+
+def test_total_steps_counts_model_calls_as_a1111():
+    from sdonnx.samplers import SAMPLER_INFO
+
+    # A1111 v1.10 sd_samplers_kdiffusion: second_order on Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, Restart
+    doubled = {name for name, info in SAMPLER_INFO.items() if info.total_steps(7) == 14}
+    assert doubled == {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}
+    assert all(info.total_steps(7) in (7, 14) for info in SAMPLER_INFO.values())
+
+
 def test_split_and_and_networks():
     assert split_and("a cat AND a dog :1.2 AND x:-0.5") == [("a cat", 1.0), (" a dog", 1.2), (" x", -0.5)]
     assert split_and("ANDROID") == [("ANDROID", 1.0)]

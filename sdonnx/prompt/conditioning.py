@@ -240,19 +240,21 @@ def _repeat_last(z, length):
     return z if z.shape[0] == length else np.concatenate([z, np.repeat(z[-1:], length - z.shape[0], axis=0)])
 
 
-def encode_prompt(encoder, prompt, negative_prompt, steps, guidance=True):
+def encode_prompt(encoder, prompt, negative_prompt, steps, guidance=True, first_pass_steps=None):
     """Positive (AND parts with weights) and negative prompt -> Conditioning.
 
-    The negative prompt is encoded when guidance is on or the positive prompt composes parts."""
+    steps: the model calls to schedule over (`SamplerInfo.total_steps`); first_pass_steps: for a hires
+    pass, the first pass's (see `schedule`). The negative prompt is encoded when guidance is on or the
+    positive prompt composes parts."""
     parts = []
     for text, weight in split_and(prompt):
-        sched = schedule(text, steps)
+        sched = schedule(text, steps, first_pass_steps)
         z = encoder.encode_batch([t for _, t in sched])
         parts.append(([(end, z[t]) for end, t in sched], weight))
     composed = len(parts) > 1 or parts[0][1] != 1.0
     uncond = None
     if guidance or composed:
-        sched = schedule(negative_prompt, steps)
+        sched = schedule(negative_prompt, steps, first_pass_steps)
         z = encoder.encode_batch([t for _, t in sched], negative=True)
         uncond = [(end, z[t]) for end, t in sched]
     return Conditioning(parts, uncond, encoder.empty() if uncond is not None else None)

@@ -28,51 +28,69 @@ class _Fail(Exception):
     pass
 
 
-def schedule(text, steps):
+@dataclass(frozen=True)
+class _Timeline:
+    """How `when` maps onto this pass's steps: a step number counts from `offset`, a fraction from
+    `fraction_offset` (A1111 >= 1.6: the hires pass goes on where the first pass ended)."""
+
+    steps: int
+    offset: int = 0
+    fraction_offset: float = 0.0
+
+
+def schedule(text, steps, first_pass_steps=None):
     """Prompt -> [(end_step, text)]: the text to use up to and including each end_step (1-based steps).
 
-    `when` with a decimal point is a fraction of the steps, otherwise a step number (A1111 >= 1.6).
+    `steps` are the model calls the pass makes as A1111 counts them (`SamplerInfo.total_steps`: twice
+    the steps for second-order samplers). `when` with a decimal point is a fraction of them, otherwise a
+    call number (A1111 >= 1.6). first_pass_steps: this is the hires pass of a job whose first pass took
+    that many; `when` then continues the first pass's timeline: a number n means call n - first_pass_steps
+    of this pass, a fraction f means (f - 1) of this pass (so 1.5 is half-way through it, and everything
+    <= the first pass's end gives the `to` text throughout).
     """
     steps = int(steps)
+    timeline = _Timeline(steps) if first_pass_steps is None else _Timeline(steps, int(first_pass_steps), 1.0)
     try:
         tree = _parse_top(text)
     except _Fail:
         return [(steps, text)]
     ends = {steps}
-    _collect(tree, steps, ends)
-    return [(end, _render(tree, end, steps)) for end in sorted(ends)]
+    _collect(tree, timeline, ends)
+    return [(end, _render(tree, end, timeline)) for end in sorted(ends)]
 
 
-def _when(edit, steps):
+def _when(edit, timeline):
     value = float(edit.when)
     if "." in edit.when:
-        value *= steps
-    return min(steps, int(value))
+        value = (value - timeline.fraction_offset) * timeline.steps
+    else:
+        value -= timeline.offset
+    return min(timeline.steps, int(value))
 
 
-def _collect(nodes, steps, ends):
+def _collect(nodes, timeline, ends):
     for node in nodes:
         if isinstance(node, _Edit):
-            when = _when(node, steps)
+            when = _when(node, timeline)
             if when >= 1:
                 ends.add(when)
-            _collect(node.before, steps, ends)
-            _collect(node.after, steps, ends)
+            _collect(node.before, timeline, ends)
+            _collect(node.after, timeline, ends)
         elif isinstance(node, _Alternate):
-            ends.update(range(1, steps + 1))
+            ends.update(range(1, timeline.steps + 1))
             for option in node.options:
-                _collect(option, steps, ends)
+                _collect(option, timeline, ends)
 
 
-def _render(nodes, step, steps):
+def _render(nodes, step, timeline):
     parts = []
     for node in nodes:
         if isinstance(node, str):
             parts.append(node)
         elif isinstance(node, _Edit):
-            parts.append(_render(node.before if step <= _when(node, steps) else node.after, step, steps))
+            parts.append(_render(node.before if step <= _when(node, timeline) else node.after, step, timeline))
         else:
-            parts.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+            parts.append(_render(node.options[(step - 1) % len(node.options)], step, timeline))
     return "".join(parts)
 
 

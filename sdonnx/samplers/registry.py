@@ -20,6 +20,14 @@ class SamplerInfo:
     discard_penultimate_sigma: bool = False
     options: MappingProxyType = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # A1111 defaults
     cfg_multiplier: float = 1.0  # A1111 scales the CFG scale for this sampler (DDIM CFG++: 1 / 12.5)
+    # A1111's "second_order": its prompt schedules (editing, alternation) and refiner switch count two
+    # model calls per step
+    second_order: bool = False
+
+    def total_steps(self, steps):
+        """The steps A1111 schedules prompts over: the model calls, counted as 2 per step for second-order
+        samplers (A1111's SamplerData.total_steps; the last step may make one call only)."""
+        return steps * 2 if self.second_order else steps
 
 
 _CHURN = MappingProxyType({"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0})
@@ -28,21 +36,23 @@ _ANCESTRAL = MappingProxyType({"eta": 1.0, "s_noise": 1.0})
 # A1111's "Sampling method" list, in its UI order (modules/sd_samplers_kdiffusion.py & friends).
 SAMPLER_INFO = {
     "DPM++ 2M": SamplerInfo(dpmpp.sample_dpmpp_2m, ("k_dpmpp_2m",), "Karras"),
-    "DPM++ SDE": SamplerInfo(dpmpp.sample_dpmpp_sde, ("k_dpmpp_sde",), "Karras", options=_ANCESTRAL),
+    "DPM++ SDE": SamplerInfo(dpmpp.sample_dpmpp_sde, ("k_dpmpp_sde",), "Karras", options=_ANCESTRAL, second_order=True),
     "DPM++ 2M SDE": SamplerInfo(dpmpp.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), "Exponential", options=_ANCESTRAL),
     "DPM++ 2M SDE Heun": SamplerInfo(dpmpp.sample_dpmpp_2m_sde_heun, ("k_dpmpp_2m_sde_heun",), "Exponential",
                                      options=_ANCESTRAL),
-    "DPM++ 2S a": SamplerInfo(dpmpp.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), "Karras", options=_ANCESTRAL),
+    "DPM++ 2S a": SamplerInfo(dpmpp.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), "Karras", options=_ANCESTRAL,
+                              second_order=True),
     "DPM++ 3M SDE": SamplerInfo(dpmpp.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",), "Exponential", True, _ANCESTRAL),
     "Euler a": SamplerInfo(karras.sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), options=_ANCESTRAL),
     "Euler": SamplerInfo(karras.sample_euler, ("k_euler",), options=_CHURN),
     "LMS": SamplerInfo(karras.sample_lms, ("k_lms",), options=MappingProxyType({"order": 4})),
-    "Heun": SamplerInfo(karras.sample_heun, ("k_heun",), options=_CHURN),
-    "DPM2": SamplerInfo(karras.sample_dpm_2, ("k_dpm_2",), "Karras", True, _CHURN),
-    "DPM2 a": SamplerInfo(karras.sample_dpm_2_ancestral, ("k_dpm_2_a",), "Karras", True, _ANCESTRAL),
+    "Heun": SamplerInfo(karras.sample_heun, ("k_heun",), options=_CHURN, second_order=True),
+    "DPM2": SamplerInfo(karras.sample_dpm_2, ("k_dpm_2",), "Karras", True, _CHURN, second_order=True),
+    "DPM2 a": SamplerInfo(karras.sample_dpm_2_ancestral, ("k_dpm_2_a",), "Karras", True, _ANCESTRAL, second_order=True),
     "DPM fast": SamplerInfo(dpm_solver.sample_dpm_fast, ("k_dpm_fast",), options=_ANCESTRAL),
     "DPM adaptive": SamplerInfo(dpm_solver.sample_dpm_adaptive, ("k_dpm_ad",), options=_ANCESTRAL),
-    "Restart": SamplerInfo(extra.sample_restart, ("restart",), "Karras", options=MappingProxyType({"s_noise": 1.0})),
+    "Restart": SamplerInfo(extra.sample_restart, ("restart",), "Karras", options=MappingProxyType({"s_noise": 1.0}),
+                           second_order=True),
     "DDIM": SamplerInfo(karras.sample_ddim, ("ddim",), "DDIM", options=MappingProxyType({"eta": 0.0})),
     "DDIM CFG++": SamplerInfo(karras.sample_ddim_cfgpp, ("ddim_cfgpp",), "DDIM", options=MappingProxyType({"eta": 0.0}),
                               cfg_multiplier=1 / 12.5),
