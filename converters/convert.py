@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sdonnx.infotext import model_hash
 from sdonnx.manifest import (FAMILIES, MANIFEST_NAME, PREDICTIONS, Component, Manifest, NoiseSchedule,
-                             TextEncoderInfo)
+                             TextEncoderInfo, relative_path)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _build(loaded, staging, tolerance, report, plan=None):
         return_freed_memory()
         c = spec.contract
         components[spec.name] = Component(
-            path=str(path.relative_to(staging)), inputs={k: list(v) for k, v in c.inputs.items()},
+            path=relative_path(path, staging), inputs={k: list(v) for k, v in c.inputs.items()},
             outputs={k: list(v) for k, v in c.outputs.items()}, input_dtypes=dict(c.input_dtypes),
             weights={_canonical_weight_name(spec.weight_namespace, k): v for k, v in weight_map(spec, path).items()},
             parity_max_abs_err=err, **derived)

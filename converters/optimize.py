@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from sdonnx.manifest import relative_path
+
 from .export import DATA_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -287,5 +289,5 @@ def derive_checked(spec, base_path, plan, staging, tolerance, report):
         return {}
     report(f"checking optimized {spec.name} against torch")
     err = parity_check(spec, path, max(tolerance, plan.tolerance(spec.name)))
-    return {"optimized_path": str(path.relative_to(staging)),
+    return {"optimized_path": relative_path(path, staging),
             "optimized": {**plan.describe(spec.name), "fused": fused, "parity_max_abs_err": err}}

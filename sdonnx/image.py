@@ -19,7 +19,9 @@ _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
 _MAX_NAME_TRIES = 10_000
 # Filesystems without hard links (FAT/exFAT, some network shares) answer os.link with one of these.
-_NO_LINK_ERRNOS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+# Windows reports FAT/exFAT's refusal (ERROR_INVALID_FUNCTION) as EINVAL.
+_NO_LINK_ERRNOS = {errno.EPERM, errno.EACCES, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS,
+                   errno.EINVAL}
 
 
 def latents_to_images(decoded: np.ndarray) -> list[Image.Image]:

@@ -18,6 +18,12 @@ class ManifestError(ValueError):
     """The folder is not an sdonnx model, or its manifest is unusable."""
 
 
+def relative_path(path, folder):
+    """How the manifest names a file in the model folder: relative, with "/" whichever OS converted the
+    model (a Windows-made "unet\\model.onnx" is one odd file name on Linux)."""
+    return path.relative_to(folder).as_posix()
+
+
 @dataclass
 class NoiseSchedule:
     """The training noise schedule (diffusers scheduler config terms)."""
