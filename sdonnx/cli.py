@@ -263,9 +263,11 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("-o", "--outdir", default=None, type=click.Path(file_okay=False),
               help="Where requests with save_images go (default: not saved).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
-@click.option("--device-id", default=0, show_default=True, type=int)
+@click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
+@click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
+                                              "OpenVINO finds one, else CPU].")
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
-          embeddings_dir, outdir, provider, device_id):
+          embeddings_dir, outdir, provider, device_id, device):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -275,7 +277,7 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
         _fail(f"serving needs the serve extra: pip install 'sdonnx[serve]' ({e})")
     roots = [Path(m) for m in models]
     try:
-        app = create_app(models, provider=provider, device_id=device_id, api_auth=api_auth,
+        app = create_app(models, provider=provider, device_id=device_id, device=device, api_auth=api_auth,
                          cors_allow_origins=[o.strip() for o in cors_allow_origins.split(",") if o.strip()],
                          cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
                          lora_dirs=lora_dir or [r / "Lora" for r in roots],

@@ -297,3 +297,13 @@ class _Wrapped:
 
     def __getattr__(self, name):
         return getattr(self._session, name)
+
+
+def test_serve_checks_the_provider_at_startup(tmp_path):
+    pytest.importorskip("fastapi")
+    from sdonnx.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "-m", str(tmp_path), "--provider", "cpu", "--device", "GPU"])
+    assert result.exit_code == 2 and "error: --device 'GPU' chooses an OpenVINO device" in result.output
+    result = CliRunner().invoke(main, ["serve", "-m", str(tmp_path), "--provider", "cuda"])
+    assert result.exit_code == 2 and "provider cuda is not available here" in result.output

@@ -25,7 +25,7 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 
-def create_app(models, *, provider="auto", device_id=0, api_auth=None, cors_allow_origins=(),
+def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), outdir=None, load_pipeline=None):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
@@ -37,10 +37,13 @@ def create_app(models, *, provider="auto", device_id=0, api_auth=None, cors_allo
     store = ModelStore(sources, lora_dirs, embedding_dirs)
     if load_pipeline is None:
         from ..pipeline import Pipeline
+        from ..runtime.providers import plan
+
+        plan(provider, device_id, device)  # a provider that does not start fails here, not at the first request
 
         def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
-            return Pipeline.load(path, provider=provider, device_id=device_id, lora_dir=store.lora_dir,
-                                 embeddings_dir=store.embeddings_dir)
+            return Pipeline.load(path, provider=provider, device_id=device_id, device=device,
+                                 lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir)
 
     state = ServerState(store, Worker(load_pipeline), Path(outdir) if outdir else None)
 
