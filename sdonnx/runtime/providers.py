@@ -339,8 +339,8 @@ def devices(name):
     lister = getattr(ort, "get_ep_devices", None)  # onnxruntime >= 1.22
     if lister is None:
         return []
-    found = [d for d in lister() if d.ep_name == PROVIDERS[name]]
-    return [f"{i}: {_describe(d)}" for i, d in enumerate(found)]
+    # listed in onnxruntime's order, which need not be the --device-id numbering: no index is claimed
+    return [_describe(d) for d in lister() if d.ep_name == PROVIDERS[name]]
 
 
 def _describe(ep_device):

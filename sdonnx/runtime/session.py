@@ -94,11 +94,25 @@ def start_session(source, options, providers, name="session", auto=False):
     the list (at least the CPU). Here a provider asked for that did not start raises ProviderStartError
     with onnxruntime's reason; with auto=True a warning says so and the session runs on the next provider.
     Whatever else onnxruntime logged while creating the session is passed on to stderr."""
-    import onnxruntime as ort
-
-    from .providers import ProviderStartError, native_reason, user_name
+    from .providers import ProviderStartError, user_name
 
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    session, reason = _create_checked(source, options, providers, wanted)
+    if reason is None:
+        return session
+    if not auto:
+        raise ProviderStartError(user_name(wanted), reason)
+    log.warning("%s: %s did not start (%s); running on %s", name, user_name(wanted), reason,
+                user_name(session.get_providers()[0]))
+    return session
+
+
+def _create_checked(source, options, providers, wanted):
+    """(session, None) when it runs on `wanted`, else (a session on the next provider, onnxruntime's reason)."""
+    import onnxruntime as ort
+
+    from .providers import native_reason
+
     try:
         # onnxruntime says "provider X is not in available provider names" as a Python warning
         with native_log() as logged, warnings.catch_warnings(record=True) as warned:
@@ -106,24 +120,18 @@ def start_session(source, options, providers, name="session", auto=False):
             session = ort.InferenceSession(source, sess_options=options, providers=providers, enable_fallback=0)
     except Exception as error:
         if wanted == "CPUExecutionProvider":
+            sys.stderr.write("".join(logged))  # onnxruntime's log beside its exception
             raise
         # the provider or the model? A model the CPU cannot load either raises here, as it should
         session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    else:
-        if session.get_providers()[0] == wanted:
-            if "".join(logged).strip():
-                sys.stderr.write("".join(logged))
-            for warning in warned:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-            return session
-        reason = (native_reason("".join(logged)) or "; ".join(str(w.message).strip() for w in warned)
-                  or "onnxruntime gave no reason")
-    if not auto:
-        raise ProviderStartError(user_name(wanted), reason)
-    log.warning("%s: %s did not start (%s); running on %s", name, user_name(wanted), reason,
-                user_name(session.get_providers()[0]))
-    return session
+        return session, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if session.get_providers()[0] != wanted:
+        return session, (native_reason("".join(logged)) or "; ".join(str(w.message).strip() for w in warned)
+                         or "onnxruntime gave no reason")
+    sys.stderr.write("".join(logged))
+    for warning in warned:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return session, None
 
 
 def session_options(plan):
