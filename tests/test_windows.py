@@ -50,6 +50,14 @@ def test_physical_cores_without_proc_cpuinfo(monkeypatch):
     assert session.physical_cores() == max(1, (os.cpu_count() or 2) // 2)
 
 
+def test_thread_count_per_platform(monkeypatch):
+    monkeypatch.delenv("SDONNX_THREADS", raising=False)
+    assert session.thread_count("linux") == session.physical_cores()
+    assert session.thread_count("win32") == 0  # onnxruntime counts physical cores through the OS
+    monkeypatch.setenv("SDONNX_THREADS", "3")
+    assert session.thread_count("win32") == session.thread_count("linux") == 3
+
+
 def test_sessions_start_where_stderr_cannot_be_swapped(monkeypatch):
     """pythonw on Windows has no console: fd 2 cannot be duplicated; sessions still start, unchecked log."""
     def no_fd(fd):

@@ -254,12 +254,13 @@ def openvino_options(device):
       `--dtype fp16` for fp16 speed. (bf16 on a CPU goes through load_config
       {"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}: "BF16" is not a precision value the provider takes.)
     - num_streams 1: one image batch at a time; more streams only help many concurrent requests.
-    - num_of_threads: on the CPU, the same thread count as the CPU provider (SDONNX_THREADS, physical cores).
+    - num_of_threads: on the CPU, the same thread count as the CPU provider (SDONNX_THREADS, physical cores;
+      OpenVINO's own default where the count is left to the runtime).
     - cache_dir: compiled models are kept (openvino_cache_dir), so the second run skips compilation."""
     from .session import thread_count
 
     options = {"device_type": device, "precision": "ACCURACY", "num_streams": "1"}
-    if device == "CPU":
+    if device == "CPU" and thread_count():
         options["num_of_threads"] = str(thread_count())
     cache = openvino_cache_dir()
     if cache:

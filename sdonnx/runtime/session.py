@@ -38,9 +38,13 @@ def physical_cores():
     return len(cores) or max(1, (os.cpu_count() or 2) // 2)
 
 
-def thread_count():
-    """Intra-op threads: SDONNX_THREADS, else one per physical core."""
-    return int(os.environ.get("SDONNX_THREADS") or physical_cores())
+def thread_count(platform=None):
+    """Intra-op threads: SDONNX_THREADS, else one per physical core: counted from /proc/cpuinfo on Linux;
+    elsewhere 0, onnxruntime's own default, which asks the OS for the physical cores (Windows has no
+    /proc, and halving the logical count would be wrong on CPUs without SMT)."""
+    if os.environ.get("SDONNX_THREADS"):
+        return int(os.environ["SDONNX_THREADS"])
+    return physical_cores() if (platform or sys.platform).startswith("linux") else 0
 
 
 def return_freed_memory():
