@@ -57,6 +57,8 @@ def test_info_and_providers(tiny_onnx):
     (["generate", "-m", "{model}", "x", "--provider", "cuda"], "available: cpu"),
     (["generate", "-m", "{model}", "x", "--provider", "tpu"], "choose auto or one of cpu, cuda, dml"),
     (["generate", "-m", "{model}", "x", "--provider", "cpu", "--device", "GPU"], "chooses an OpenVINO device"),
+    (["generate", "-m", "{model}", "(" * 400 + "x"], "nest 400 deep"),  # a RecursionError traceback before
+    (["generate", "-m", "{model}", "x", "-n", "x" * 20001], "20001 characters long; at most 20000"),
     (["info", "{missing}"], "does not exist"),
     (["convert", "{missing}", "-o", "{out}"], "does not exist"),
 ])

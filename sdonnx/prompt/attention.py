@@ -1,6 +1,8 @@
 """A1111 emphasis syntax: `(x)` x1.1, `[x]` /1.1, `(x:w)`, escapes, BREAK -> [(text, weight)]."""
 import re
 
+from .checks import check_prompt
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = ("BREAK", -1)
 
@@ -8,14 +10,15 @@ BREAK = ("BREAK", -1)
 _TOKEN = re.compile(r"""
     \\[()\[\]\\] | \\ | \( | \[ | :\s*(?P<weight>[+-]?[.\d]+)\s*\) | \) | \] | [^\\()\[\]:]+ | :
 """, re.X)
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\bBREAK\b")
 
 
 def parse_attention(text):
     """Prompt text -> [(text, weight)] with A1111's semantics; `BREAK` appears as ("BREAK", -1).
 
     Unbalanced openers apply their multiplier to the rest of the text; unmatched closers are literal;
-    runs of equal weight are merged.
+    runs of equal weight are merged. Time is linear in the length times the nesting, both bounded by
+    `check_prompt`.
     """
     out = []  # [text, weight] pairs, mutated as brackets close
     rounds, squares = [], []
@@ -24,7 +27,7 @@ def parse_attention(text):
         for pair in out[start:]:
             pair[1] *= factor
 
-    for m in _TOKEN.finditer(text):
+    for m in _TOKEN.finditer(check_prompt(text)):
         piece, weight = m.group(0), m.group("weight")
         if piece.startswith("\\"):
             out.append([piece[1:], 1.0])
@@ -39,7 +42,7 @@ def parse_attention(text):
         elif piece == "]" and squares:
             scale(squares.pop(), SQUARE)
         else:
-            for i, part in enumerate(_BREAK.split(piece)):
+            for i, part in enumerate(_split_break(piece)):
                 if i:
                     out.append(list(BREAK))
                 out.append([part, 1.0])
@@ -56,6 +59,22 @@ def parse_attention(text):
         else:
             merged.append(pair)
     return [(t, w) for t, w in merged]
+
+
+def _split_break(text):
+    """`a BREAK b` -> ["a", "b"]: split at each word BREAK with the whitespace around it. Whitespace is
+    taken by hand from each BREAK outwards: a pattern with a leading `\\s*` retried at every position of a
+    whitespace run, quadratic in its length."""
+    parts, pos = [], 0
+    for m in _BREAK.finditer(text):
+        start, end = m.start(), m.end()
+        while start > pos and text[start - 1].isspace():
+            start -= 1
+        while end < len(text) and text[end].isspace():
+            end += 1
+        parts.append(text[pos:start])
+        pos = end
+    return parts + [text[pos:]]
 
 
 def _weight(text):

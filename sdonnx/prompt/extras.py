@@ -2,8 +2,10 @@
 import re
 from dataclasses import dataclass
 
+from .checks import check_prompt
+
 _AND = re.compile(r"\bAND\b")
-_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_WEIGHT = re.compile(r"\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*")  # what follows a sub-prompt's last colon
 _NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
 
@@ -17,11 +19,18 @@ class ExtraNetwork:
 
 def split_and(text):
     """`a AND b :1.2` -> [("a", 1.0), ("b", 1.2)]: sub-prompts of composable diffusion with weights."""
-    out = []
-    for part in _AND.split(text):
-        m = _WEIGHT.search(part)
-        out.append((m.group(1), float(m.group(2))) if m.group(2) is not None else (m.group(1), 1.0))
-    return out
+    return [_weighted(part) for part in _AND.split(check_prompt(text))]
+
+
+def _weighted(part):
+    """`text :1.2` -> ("text", 1.2); without a weight after the last colon, (text, 1.0). Trailing
+    whitespace goes, as A1111's pattern takes it. Found from the last colon: a pattern anchored at both
+    ends took time quadratic in a run of whitespace."""
+    colon = part.rfind(":")
+    m = _WEIGHT.fullmatch(part, colon + 1) if colon >= 0 else None
+    if m:
+        return part[:colon].rstrip(), float(m.group(1))
+    return part.rstrip(), 1.0
 
 
 def extract_networks(text):
@@ -33,4 +42,7 @@ def extract_networks(text):
         found.append(ExtraNetwork(m.group(1), name, tuple(args)))
         return ""
 
-    return _NETWORK.sub(take, text), found
+    # a tag ends at the first `>` after its colon: none starts after the last `>`, and leaving that tail
+    # out of the search keeps it linear (each `<` there would scan to the end of the prompt)
+    cut = check_prompt(text).rfind(">") + 1
+    return _NETWORK.sub(take, text[:cut]) + text[cut:], found
