@@ -41,7 +41,7 @@ def check_strength(strength):
 
 def resize_image(image, width, height, mode=0):
     """A1111's resize modes: 0 stretch, 1 fill the box then centre-crop, 2 fit inside and fill the
-    empty bands by stretching the image's edges, 3 as 0 (the latent upscale happens after encoding)."""
+    empty bands by stretching the image's edges, 3 as 0 (img2img's mode 3 resizes latents instead: InitPlan)."""
     image = image.convert("RGB")
     if mode in (0, 3):
         return image.resize((width, height), Image.Resampling.LANCZOS)
@@ -65,6 +65,14 @@ def resize_image(image, width, height, mode=0):
         canvas.paste(resized.resize((w, top), box=(0, 0, w, 0)), (0, 0))
         canvas.paste(resized.resize((w, height - top - h), box=(0, h, w, h)), (0, top + h))
     return canvas
+
+
+def _check_latent_upscale(plan, size, target):
+    # A1111 fails on a mask with mode 3 when the sizes differ (its overlay and mask are at the target size,
+    # the image at its own); say so before anything runs
+    if plan is not None and size != target:
+        raise ValueError(f"resize_mode 3 (just resize (latent upscale)) with a mask needs the init image at the "
+                         f"output size ({target[0]}x{target[1]}), not {size[0]}x{size[1]}; use resize_mode 0, 1 or 2")
 
 
 def to_array(image):
@@ -212,8 +220,12 @@ class InitPlan:
         if mask is not None:
             plan = prepare_mask(load_image(mask, "mask"), original.size, blur=mask_blur, invert=invert,
                                 only_masked=only_masked, padding=padding, target=(width, height))
-        source = original.crop(plan.crop) if plan is not None and plan.crop else original
-        image = resize_image(source, width, height, 0 if plan is not None and plan.crop else mode)
+        crop = plan is not None and plan.crop
+        if mode == 3 and not crop:
+            _check_latent_upscale(plan, original.size, (width, height))
+            image = original  # A1111 encodes it at its own size; the pipeline resizes the latents
+        else:
+            image = resize_image(original.crop(plan.crop) if crop else original, width, height, 0 if crop else mode)
         if plan is not None and fill == 0:
             image = fill_masked(image, plan.process)
         return cls(original, to_array(image), width, height, strength, mode, plan, fill, mask_blur, padding)

@@ -398,18 +398,22 @@ class Pipeline:
                 image_cond = np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), self._encode(blank, tiled_vae)], 1)
             return None, image_cond
         latent = self._encode(init.array, tiled_vae)
-        if init.resize_mode == 3:
+        if init.resize_mode == 3:  # A1111: the image encoded at its own size, the latents resized (bilinear)
             latent = upscale_latents(latent, shape[1:], "Latent")
         if m.is_inpaint:
             repaint = init.latent_mask(shape[1:]) if init.mask is not None else np.ones((1, 1, *shape[1:]), np.float32)
-            masked = init.array * (1.0 - init.pixel_mask()) if init.mask is not None else init.array
-            image_cond = np.concatenate([repaint, self._encode(masked, tiled_vae)], 1)
+            masked = self._encode(init.array * (1.0 - init.pixel_mask()), tiled_vae) if init.mask is not None else latent
+            image_cond = np.concatenate([repaint, masked], 1)
         return latent, image_cond
 
     def _encode(self, images, tiled):
         if _use_tiles(tiled, images.shape[2:]):
             from .tiled_vae import encode_tiled
 
+            # tiles take whole latents: the rows/columns past the last multiple of the VAE factor (only a
+            # latent-upscale init image has them) are left out, where a whole-image pass floors them
+            f = self.manifest.vae_scale_factor
+            images = images[..., :images.shape[2] // f * f, :images.shape[3] // f * f]
             mean, _ = encode_tiled(self._component("vae_encoder"), images)
             return mean * self.manifest.vae_scaling_factor
         return self.encode_images(images)

@@ -216,3 +216,37 @@ def test_transparent_init_image_is_flattened_onto_white(pipe, init_image, mode):
     ours = pipe.generate("a cat", init_image=given, **args).images[0]
     reference = pipe.generate("a cat", init_image=expected, **args).images[0]
     assert np.array_equal(_px(ours), _px(reference))
+
+
+@pytest.mark.parametrize("size", [(40, 48), (45, 37)])  # W x H; 45 x 37 floors to 5 x 4 latents in the VAE
+def test_latent_upscale_resize_mode_encodes_at_the_image_size(pipe, tiny_diffusers, size, monkeypatch):
+    """A1111's resize mode 3: the init image is encoded at its own size, then the latents are resized to the
+    output's with torch's bilinear interpolate. Checked on the sampler's starting latent with zero noise,
+    against diffusers' VAE (posterior mean) and torch; tolerance 1e-5 (ONNX vs torch VAE, ~3e-7 here)."""
+    from sdonnx.samplers import SAMPLERS
+
+    _, torch_pipe = tiny_diffusers("sd1")
+    starts, euler = [], SAMPLERS["Euler"]
+    monkeypatch.setitem(SAMPLERS, "Euler", lambda d, x, s, **k: starts.append(x.copy()) or euler(d, x, s, **k))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    zeros = np.zeros((1, 4, 8, 8), np.float32)  # no noise: the sampler starts from the init latent itself
+    args = dict(steps=2, sampler="Euler", seed=1, init_image=image, width=64, height=64, latents=zeros)
+    pipe.generate("x", resize_mode=3, **args)
+    pipe.generate("x", resize_mode=0, **args)
+    pixels = torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 255.0 * 2 - 1)
+    with torch.no_grad():
+        latent = torch_pipe.vae.encode(pixels).latent_dist.mean * torch_pipe.vae.config.scaling_factor
+        ref = torch.nn.functional.interpolate(latent, size=(8, 8), mode="bilinear").numpy()
+    assert latent.shape[2:] == (size[1] // 8, size[0] // 8)
+    assert np.abs(starts[0] - ref).max() < 1e-5
+    assert np.abs(starts[1] - ref).max() > 0.01  # "just resize" resizes the pixels instead
+
+
+def test_latent_upscale_with_a_mask_needs_the_output_size(pipe, init_image):
+    small = init_image.resize((48, 48))
+    with pytest.raises(ValueError, match="resize_mode 3 .* needs the init image at the output size \\(64x64\\), not 48x48"):
+        pipe.generate("x", steps=2, init_image=small, mask=Image.new("L", (48, 48), 255), resize_mode=3,
+                      width=64, height=64)
+    same = pipe.generate("x", steps=2, sampler="Euler", seed=1, init_image=init_image, mask=_square_mask(),
+                         resize_mode=3)  # at the output size mode 3 works, and keeps the unmasked area
+    assert np.abs(_px(same.images[0])[:8] - _px(init_image)[:8]).max() <= 1
