@@ -245,7 +245,8 @@ class Pipeline:
                  refiner_switch_at=0.8, **sampler_options):
         """txt2img, img2img and inpainting (with init_image / mask), with optional hires fix.
 
-        Returns GenerationResult(images, seeds, infotexts).
+        Returns GenerationResult(images, seeds, infotexts, ...); its providers / devices say which ONNX
+        Runtime provider and device ran each component of this call.
 
         latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
         first sigma. callback(step, total) is called after every sampler step of every batch; when it raises

@@ -193,7 +193,7 @@ class Session:
 
     def _create(self, overrides):
         """A session with ((dimension name, value), ...) fixed."""
-        import onnxruntime as ort
+        from .providers import without_compiled_cache
 
         options = session_options(self._plan)
         if self._replacements:
@@ -202,8 +202,6 @@ class Session:
             options.add_session_config_entry(key, value)
         for dim, value in overrides:
             options.add_free_dimension_override_by_name(dim, value)
-        from .providers import without_compiled_cache
-
         providers = without_compiled_cache(self._plan.providers) if self._replacements else self._plan.providers
         session = start_session(self._source, options, providers, name=self.name, auto=self._plan.auto)
         self.ran_on = (session.get_providers()[0], self._plan.device(session.get_providers()[0]))
