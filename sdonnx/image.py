@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
 import uuid
+import warnings
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .limits import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +100,89 @@ def next_sequence_number(outdir: str | PathLike, prefix: str = "") -> int:
     return max(numbers) + 1
 
 
-def read_infotext(path: str | PathLike) -> str | None:
+# the formats a user sends; Pillow's other decoders are never tried (EPS would hand the file to Ghostscript)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+class ImageError(ValueError):
+    """An image file or upload that cannot be used: missing, of another format, damaged, or too large."""
+
+
+def open_image(source: str | PathLike | bytes | io.IOBase, what: str = "image") -> Image.Image:
+    """A path, bytes or binary file holding a PNG, JPEG, WebP, BMP or GIF -> the PIL image, loaded, in its
+    own mode. The one decoder every door uses (CLI paths, API uploads, Python callers' paths).
+
+    The pixel count is checked from the header, before anything is decoded; every failure is an
+    ImageError naming `what` (and the path), never a Pillow traceback or an object's repr."""
+    with _opened(source, what) as img:
+        try:
+            img.load()
+        except (OSError, ValueError, EOFError) as e:  # Pillow's decoders: truncated or corrupt data
+            raise ImageError(f"{_describe(source, what)} is a damaged {img.format} image ({_plain(e)})") from None
+        return img
+
+
+@contextmanager
+def _opened(source, what):
+    """The image's header read with only IMAGE_FORMATS tried, its size within MAX_IMAGE_PIXELS."""
+    name = _describe(source, what)
+    try:
+        with warnings.catch_warnings():  # sizes past Pillow's warning level are refused below, with a message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                             formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        fmt = _signature(source)
+        raise ImageError(f"{name} is a damaged {fmt} image" if fmt else
+                         f"{name} is not a PNG, JPEG, WebP, BMP or GIF image") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name} is too large (over {_megapixels(Image.MAX_IMAGE_PIXELS * 2)}); at most "
+                         f"{_megapixels(MAX_IMAGE_PIXELS)} are decoded") from None
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ImageError(f"{name} cannot be read ({_plain(e)})") from None
+    with img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageError(f"{name} is {width}x{height}, {_megapixels(width * height)}; at most "
+                             f"{_megapixels(MAX_IMAGE_PIXELS)} are decoded")
+        yield img
+
+
+def _signature(source):
+    """The accepted format whose signature the data starts with (its header did not parse), or None."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            head = bytes(source[:16])
+        elif isinstance(source, (str, PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(16)
+        else:
+            source.seek(0)
+            head = source.read(16)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return next((fmt for fmt in IMAGE_FORMATS if fmt in Image.OPEN and Image.OPEN[fmt][1](head)), None)
+
+
+def _describe(source, what):
+    return f"{what} {os.fspath(source)}" if isinstance(source, (str, PathLike)) else what
+
+
+def _megapixels(pixels):
+    return f"{pixels / 1e6:.1f} megapixels"
+
+
+def _plain(error):
+    """An exception's message without object reprs (Pillow names file objects as <... at 0x...>)."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(error))
+    return text or type(error).__name__
+
+
+def read_infotext(source: str | PathLike | bytes | io.IOBase) -> str | None:
     """The infotext stored in an image: PNG "parameters" text chunk, else EXIF UserComment (JPEG/WebP)."""
-    with Image.open(path) as img:
+    with _opened(source, "image") as img:
         text = img.info.get("parameters")
         if text is not None:
             return text

@@ -1,27 +1,26 @@
 """img2img and inpainting inputs as A1111 prepares them: resize modes, masks, masked content, crop
 regions, latent blending and the final overlay. Pure PIL/numpy; the pipeline calls these stages.
 """
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from .image import flatten
+from .image import ImageError, flatten, open_image
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)")
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 
 
 def load_image(image, what="init image"):
-    """A PIL image, or a path to one, in its own mode; unreadable input is a ValueError naming it."""
+    """A PIL image, or a path to one (or its bytes), in its own mode; unreadable input is an ImageError
+    (a ValueError) naming it."""
     if isinstance(image, Image.Image):
         return image
-    try:
-        with Image.open(image) as opened:
-            opened.load()
-            return opened.copy()
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"cannot read the {what} {str(image)!r}: {e}") from e
+    if not isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        raise ImageError(f"the {what} must be a PIL image or a path to an image file, not {type(image).__name__}")
+    return open_image(image, what)
 
 
 def choice(name, value, choices):

@@ -157,7 +157,7 @@ def test_bad_img2img_input(pipe, init_image, kwargs, message):
 def test_unreadable_image_and_cli_error(pipe, tiny_onnx, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read the init image"):
+    with pytest.raises(ValueError, match=f"init image {bad} is not a PNG, JPEG, WebP, BMP or GIF image"):
         pipe.generate("x", steps=2, init_image=bad)
     from click.testing import CliRunner
 
@@ -165,7 +165,7 @@ def test_unreadable_image_and_cli_error(pipe, tiny_onnx, tmp_path):
 
     result = CliRunner().invoke(main, ["generate", "-m", str(tiny_onnx("sd1")), "x", "--init-image", str(bad),
                                        "-o", str(tmp_path / "out")])
-    assert result.exit_code != 0 and result.stderr.strip().startswith("error: cannot read the init image")
+    assert result.exit_code != 0 and result.stderr.strip().startswith(f"error: init image {bad} is not a PNG")
     assert not (tmp_path / "out").exists()
 
 

@@ -4,12 +4,13 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
+
+from ..image import ImageError, open_image
 
 # A1111 "Approx cheap" live preview: SD 1.x/2.x latent channels -> RGB (sd_vae_approx.cheap_approximation)
 _CHEAP_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
                        [-0.184, -0.271, -0.473]], np.float32)
-MAX_PIXELS = 8192 * 8192
 
 
 class BadImage(ValueError):
@@ -41,16 +42,12 @@ def decode_bytes(data, field="image"):
 
 
 def decode_image(data, field="image"):
-    """Base64 (optionally a ``data:image/...;base64,`` URL) -> PIL image, fully loaded."""
-    raw = decode_bytes(data, field)
+    """Base64 (optionally a ``data:image/...;base64,`` URL) -> PIL image, fully loaded by the one image
+    decoder (PNG, JPEG, WebP, BMP, GIF only; size checked from the header)."""
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_PIXELS:
-            raise BadImage(f"{field}: {image.width}x{image.height} image is too large")
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise BadImage(f"{field}: invalid encoded image ({e})") from None
-    return image
+        return open_image(decode_bytes(data, field), field)
+    except ImageError as e:
+        raise BadImage(str(e)) from None
 
 
 def latent_preview(latents):
