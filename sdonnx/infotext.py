@@ -58,6 +58,7 @@ def parse_infotext(text: str) -> dict[str, str]:
     values are unquoted. A ``WxH`` value also gives ``<key>-1`` (width) and ``<key>-2`` (height), e.g.
     ``Size-1``/``Size-2``; unlike A1111 the ``WxH`` value itself is kept under its key too. A1111's
     paste-time defaults for missing keys (Clip skip 1, RNG GPU, Schedule type Automatic) are not filled in.
+    Legacy ``Hypernet`` / ``Hypernet strength`` keys append ``<hypernet:name:strength>`` to the prompt, as A1111.
     """
     *lines, last = text.strip().split("\n")
     if len(_RE_PARAM.findall(last)) < 3:
@@ -71,6 +72,8 @@ def parse_infotext(text: str) -> dict[str, str]:
         size = _RE_IMAGESIZE.match(value)
         if size:
             res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
+    if "Hypernet" in res:  # old A1111 versions wrote the hypernetwork as keys; it reads them back as a tag
+        res["Prompt"] += f"<hypernet:{res['Hypernet']}:{res.get('Hypernet strength', '1.0')}>"
     return res
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .adapters.hypernetwork import hypernet_requests
 from .adapters.lora import Loras, lora_requests
 from .adapters.textual_inversion import EmbeddingDatabase, embedding_parts
 from .diffusion.denoiser import cfg_denoiser
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
 DEFAULT_LORA_DIR = Path("models") / "Lora"
 DEFAULT_EMBEDDINGS_DIR = Path("models") / "embeddings"
+DEFAULT_HYPERNETWORK_DIR = Path("models") / "hypernetworks"
 # k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
 BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
@@ -73,16 +75,19 @@ def _existing(folder):
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
-    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False):
+    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
         self.lowmem = lowmem
-        self._components = {}  # (name, LoRA key or None, tiling or None) -> component facade
+        self._components = {}  # (name, LoRA key, tiling, hypernetwork key: each None when off) -> component facade
         self.lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
         self._loras = None  # adapters.lora.Loras, made on the first LoRA tag
         self._lora_keys = {}  # component -> cache key of the active LoRA set
         self._lora_replacements = {}  # component -> {initializer: merged array} of the active set
+        self.hypernetwork_dir = Path(hypernetwork_dir or DEFAULT_HYPERNETWORK_DIR)
+        self._hypernetworks = None  # adapters.hypernetwork_graph.UnetHypernetworks, made on the first tag
+        self._hypernet_chain, self._hypernet_multipliers = (), None  # the active set (in the UNet only)
         self._tiling = None
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
@@ -100,28 +105,31 @@ class Pipeline:
                                                            ns.num_train_timesteps))
 
     @classmethod
-    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None):
+    def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
+             hypernetwork_dir=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
-        textual inversion files, used by file name in prompts (default models/embeddings). lowmem: create
+        textual inversion files, used by file name in prompts (default models/embeddings); hypernetwork_dir:
+        where `<hypernet:name:multiplier>` tags find their .pt files (default models/hypernetworks). lowmem: create
         each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
         memory follows the largest component instead of their sum, at the cost of session creation time.
         device: the OpenVINO device (CPU, GPU, GPU.1, NPU, AUTO; default a GPU when present, else the CPU).
         A provider named here that does not start on a one-node graph is a ProviderError."""
         manifest = load_manifest(path)
         return cls(path, manifest, providers_mod.plan(provider, device_id, device), lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir, lowmem=lowmem)
+                   embeddings_dir=embeddings_dir, lowmem=lowmem, hypernetwork_dir=hypernetwork_dir)
 
     @property
     def providers(self):
         return list(self.plan.names)
 
     def _component(self, name, base=False):
-        """The session facade for `name` with the active LoRA set and tiling, created on first use.
-        base: the fp32 base graph even where the model has a derived (optimized, fp16, int8) one."""
+        """The session facade for `name` with the active LoRA set, hypernetworks and tiling, created on first
+        use. base: the fp32 base graph even where the model has a derived (optimized, fp16, int8) one."""
         tiling = self._tiling if name in TILEABLE else None
-        key = (name, self._lora_keys.get(name), tiling) + (("base",) if base else ())
+        chain = self._hypernet_chain if name == "unet" else ()
+        key = (name, self._lora_keys.get(name), tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ())
         if key not in self._components:
             kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
                     "vae_encoder": VaeEncoder}
@@ -130,11 +138,17 @@ class Pipeline:
                 options["tiling"] = tiling
             if base:
                 options["base"] = True
-            # one LoRA variant per component is kept beside the base: drop the others
-            for old in [k for k in self._components if k[0] == name and k[1] is not None and k != key]:
+            if chain:
+                options["graph"] = self._hypernetworks.graph(chain, tiling)
+            # one LoRA / hypernetwork variant per component is kept beside the base: drop the others
+            for old in [k for k in self._components if k[0] == name and (k[1] is not None or k[3] is not None) and k != key]:
                 del self._components[old]
             self._components[key] = kind[name](self.folder, self.manifest, name, self.plan, **options)
         self._ran[name] = self._components[key].session
+        if chain:
+            from .adapters.hypernetwork_graph import WithMultipliers
+
+            return WithMultipliers(self._components[key], self._hypernet_multipliers)
         return self._components[key]
 
     def _set_tiling(self, tiling):
@@ -157,6 +171,18 @@ class Pipeline:
         self._lora_keys = dict(applied.keys)
         self._lora_replacements = {name: applied.replacements[name] for name in applied.keys}
         return applied.hashes
+
+    def set_hypernetworks(self, requests):
+        """Give the UNet these hypernetworks ([HypernetRequest], chained in order; [] for none). Unknown names
+        and files for another model are left out with a warning, as in A1111. The rewritten UNet is cached
+        per set of files (one beside the base); multipliers are a graph input, so strengths change for free."""
+        if requests and self._hypernetworks is None:
+            from .adapters.hypernetwork_graph import UnetHypernetworks
+
+            self._hypernetworks = UnetHypernetworks(self.folder, self.manifest, self.hypernetwork_dir)
+        active = self._hypernetworks.select(requests) if requests else []
+        self._hypernet_chain = tuple(h for h, _ in active)
+        self._hypernet_multipliers = np.array([m for _, m in active], np.float32)
 
     # ------------------------------------------------------------------ stages
 
@@ -311,6 +337,7 @@ class Pipeline:
         # --- conditioning start (prompt language: issue 4)
         prompt_text, networks = extract_networks(prompt)  # A1111 takes tags from the positive prompt only
         lora_hashes = self.set_loras(lora_requests(networks))  # LoRA hook: before the text encoder runs
+        self.set_hypernetworks(hypernet_requests(networks))  # the tags stay in the infotext's prompt, as A1111
         calls = SAMPLER_INFO[resolved.sampler].total_steps(steps)  # A1111 schedules prompts over model calls
         conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, calls, clip_skip, emphasis,
                                                           guidance=cfg_scale != 1.0)

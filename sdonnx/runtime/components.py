@@ -7,13 +7,15 @@ from .session import Session
 
 
 class _Component:
-    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None, base=False):
+    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None, base=False, graph=None):
         """base: run the fp32 base graph even where a derived (optimized/fp16/int8) one exists; LoRA
-        replacements and tiling always do, as they name and rewrite the base graph's initializers and convs."""
+        replacements, tiling and graph (a rewrite of the base graph: hypernetworks) always do, as they name
+        and rewrite the base graph's initializers, convs and projections."""
         spec = manifest.components[name]
-        derived = spec.optimized_path and not (base or replacements or tiling)
+        derived = spec.optimized_path and not (base or replacements or tiling or graph)
         path = Path(folder) / (spec.optimized_path if derived else spec.path)
-        self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling, dims=spec.inputs)
+        self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling, dims=spec.inputs,
+                               graph=graph)
         self.is_base = not derived
         self.manifest = manifest
 

@@ -162,11 +162,12 @@ class Session:
     (`add_free_dimension_override_by_name`, from the manifest's dimension names) and the sessions are kept
     in a small least-recently-used cache: DirectML compiles and plans memory for fixed shapes only."""
 
-    def __init__(self, path, plan, name=None, replacements=None, tiling=None, dims=None):
+    def __init__(self, path, plan, name=None, replacements=None, tiling=None, dims=None, graph=None):
         """replacements: {initializer name: array} used instead of the graph's own values (run-time LoRA);
         each must keep the initializer's shape and dtype. tiling: "x", "y", "xy" or None: convolutions pad
         by wrapping around on those axes (seamless tiling; runtime/tiling.py). dims: {input name: [dimension
-        name or None per axis]} (the manifest's `inputs`), for static-shape plans."""
+        name or None per axis]} (the manifest's `inputs`), for static-shape plans. graph: (model bytes,
+        session config) of a rewrite of `path` made by the caller, tiling included (run-time hypernetworks)."""
         import onnxruntime as ort
 
         self.name = name or Path(path).parent.name
@@ -176,7 +177,9 @@ class Session:
         self._replacements = [(n, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)))
                               for n, a in (replacements or {}).items()]
         self._source, self._config = str(path), {}
-        if tiling:
+        if graph is not None:
+            self._source, self._config = graph
+        elif tiling:
             from .tiling import tiled_model
 
             self._source, self._config = tiled_model(path, tiling)
