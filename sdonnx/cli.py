@@ -260,6 +260,8 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Largest request body accepted.")
 @click.option("--lora-dir", multiple=True, type=click.Path(), help="LoRA folder (default: MODELS/Lora).")
 @click.option("--embeddings-dir", multiple=True, type=click.Path(), help="Embeddings folder (default: MODELS/embeddings).")
+@click.option("--hypernetwork-dir", multiple=True, type=click.Path(),
+              help="Hypernetwork folder (default: MODELS/hypernetworks).")
 @click.option("-o", "--outdir", default=None, type=click.Path(file_okay=False),
               help="Where requests with save_images go (default: not saved).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
@@ -267,7 +269,7 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
                                               "OpenVINO finds one, else CPU].")
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
-          embeddings_dir, outdir, provider, device_id, device):
+          embeddings_dir, hypernetwork_dir, outdir, provider, device_id, device):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -281,7 +283,8 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
                          cors_allow_origins=[o.strip() for o in cors_allow_origins.split(",") if o.strip()],
                          cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
                          lora_dirs=lora_dir or [r / "Lora" for r in roots],
-                         embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots], outdir=outdir)
+                         embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots],
+                         hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir)
     except _user_errors() as e:
         _fail(e)
     host = "0.0.0.0" if listen else "127.0.0.1"

@@ -68,6 +68,7 @@ def models_root(request, tmp_path_factory):
               metadata={"ss_output_name": "add_detail"})
     (root / "styles.csv").write_text('name,prompt,negative_prompt\n"framed","a photo of {prompt}, framed","blurry"\n'
                                      'suffix,"oil painting",\n', encoding="utf-8")
+    (root / "hypernetworks").mkdir()  # filled by a test that has torch to write one
     (root / "embeddings").mkdir()
     save_file({"emb_params": rng.standard_normal((2, 64)).astype(np.float32)},  # the tiny text encoder's width
               root / "embeddings" / "bad-hands.safetensors")
@@ -117,7 +118,8 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def server(models_root, tmp_path_factory):
     app = create_app(models_root, provider="cpu", lora_dirs=[models_root / "Lora"],
-                     embedding_dirs=[models_root / "embeddings"], outdir=tmp_path_factory.mktemp("outputs"))
+                     embedding_dirs=[models_root / "embeddings"], hypernetwork_dirs=[models_root / "hypernetworks"],
+                     outdir=tmp_path_factory.mktemp("outputs"))
     with LiveServer(app) as live:
         yield live
 
@@ -254,7 +256,7 @@ def _txt2img(client, **body):
 def direct(models_root):
     """The served model through the Python API, to check the HTTP door reaches the same images."""
     pipe = Pipeline.load(models_root / "tiny-sd1", provider="cpu", lora_dir=models_root / "Lora",
-                         embeddings_dir=models_root / "embeddings")
+                         embeddings_dir=models_root / "embeddings", hypernetwork_dir=models_root / "hypernetworks")
     return lambda **kw: pipe.generate(**{"prompt": "a lighthouse", "steps": 2, "seed": 11, "sampler": "Euler",
                                          "scheduler": "Automatic", "cfg_scale": 7.0, **kw})
 
@@ -329,6 +331,19 @@ def test_served_lora_and_embedding_folders_are_used(client, direct):
     reference = direct(prompt="a lighthouse <lora:detail:1>, bad-hands")
     assert _same_pixels(data["images"][0], reference.images[0])
     assert not _same_pixels(data["images"][0], direct(prompt="a lighthouse , bad-hands").images[0])
+
+
+def test_served_hypernetwork_folder_is_listed_and_used(client, direct, models_root):
+    pytest.importorskip("torch")
+    from test_hypernetwork import make_layers, save_a1111
+
+    save_a1111(models_root / "hypernetworks" / "ink.pt", make_layers((32, 64), seed=3))
+    assert client.get(f"{API}/hypernetworks").json() == [{"name": "ink",
+                                                           "path": str(models_root / "hypernetworks" / "ink.pt")}]
+    data, info = _txt2img(client, prompt="a lighthouse <hypernet:ink:0.8>")
+    assert info["infotexts"][0].startswith("a lighthouse <hypernet:ink:0.8>\n")
+    assert _same_pixels(data["images"][0], direct(prompt="a lighthouse <hypernet:ink:0.8>").images[0])
+    assert not _same_pixels(data["images"][0], direct(prompt="a lighthouse ").images[0])
 
 
 def test_missing_lora_generates_with_a_warning(client, direct):

@@ -161,7 +161,11 @@ def build_router(state):
         return {"ram": ram_figures(), "cuda": {"error": "unavailable"}}  # A1111's answer without torch.cuda
 
     # A1111 lists clients ask for at start-up; this server has none of these
-    for name in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "sd-modules"):
+    @router.get("/hypernetworks")
+    async def hypernetworks():
+        return state.store.hypernetworks()
+
+    for name in ("sd-vae", "face-restorers", "realesrgan-models", "sd-modules"):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
     router.add_api_route("/scripts", _no_scripts, methods=["GET"])
     router.add_api_route("/cmd-flags", _no_flags, methods=["GET"])

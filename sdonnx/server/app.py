@@ -27,14 +27,14 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
-               embedding_dirs=(), outdir=None, load_pipeline=None):
+               embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
     (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
     """
     sources = [models] if isinstance(models, (str, Path)) else list(models)
-    store = ModelStore(sources, lora_dirs, embedding_dirs)
+    store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs)
     if load_pipeline is None:
         from ..pipeline import Pipeline
         from ..runtime.providers import plan
@@ -43,7 +43,8 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
 
         def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
             return Pipeline.load(path, provider=provider, device_id=device_id, device=device,
-                                 lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir)
+                                 lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
+                                 hypernetwork_dir=store.hypernetwork_dir)
 
     state = ServerState(store, Worker(load_pipeline), Path(outdir) if outdir else None)
 

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..adapters.hypernetwork import HypernetworkLibrary
 from ..manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,12 @@ class ModelEntry:
 class ModelStore:
     """Model folders under the given paths (a model folder, or a folder of model folders), rescanned on refresh."""
 
-    def __init__(self, sources, lora_dirs=(), embedding_dirs=()):
+    def __init__(self, sources, lora_dirs=(), embedding_dirs=(), hypernetwork_dirs=()):
         self.sources = [Path(s) for s in sources]
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.embedding_dirs = [Path(d) for d in embedding_dirs]
-        for dirs in (self.lora_dirs, self.embedding_dirs):
+        self.hypernetwork_dirs = [Path(d) for d in hypernetwork_dirs]
+        for dirs in (self.lora_dirs, self.embedding_dirs, self.hypernetwork_dirs):
             existing = [d for d in dirs if d.is_dir()]
             if len(existing) > 1:  # a Pipeline reads one folder of each
                 log.warning("using %s; not %s", existing[0], ", ".join(map(str, existing[1:])))
@@ -98,6 +100,18 @@ class ModelStore:
     def embeddings_dir(self):
         """The embeddings folder generation reads (the first that exists), None without one."""
         return _first_existing(self.embedding_dirs)
+
+    @property
+    def hypernetwork_dir(self):
+        """The hypernetwork folder generation reads (the first that exists), None without one."""
+        return _first_existing(self.hypernetwork_dirs)
+
+    def hypernetworks(self):
+        """A1111 /hypernetworks entries: name and path of the .pt files generation can use."""
+        folder = self.hypernetwork_dir
+        if folder is None:
+            return []
+        return [{"name": name, "path": str(path)} for name, path in HypernetworkLibrary(folder).paths().items()]
 
     def styles(self):
         """A1111's prompt styles: {name: (prompt, negative prompt)} from styles.csv in the models folders,
