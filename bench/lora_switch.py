@@ -4,7 +4,7 @@
     python bench/lora_switch.py --model models/sd15 --lora-dir models/Lora --loras add_detail,ink
 
 Synthetic LoRAs are kohya files with rank-16 up/down for every attention, feed-forward and resnet conv layer
-of the model (what a LoCon trained on "all layers" carries). Each row is one set_loras call; "merge" is
+of the model (what a LoCon trained on "all layers" carries). Each row is one load_networks call plus the sessions; "merge" is
 the numpy part (files are parsed on first use and cached), the rest builds the sessions.
 """
 import argparse
@@ -80,10 +80,14 @@ def run(pipe, names):
     ]
     rows = []
     for label, requests in steps:
-        total, _ = timed(lambda r=requests: (pipe.set_loras(r), pipe._component("text_encoder"), pipe._component("unet")))
+        total, _ = timed(lambda r=requests: _sessions(pipe, pipe.load_networks(r)))
         merge, _ = timed(lambda r=requests: pipe._loras.apply(r)) if requests else (0.0, None)
         rows.append((label, merge, total))
     return rows
+
+
+def _sessions(pipe, networks):
+    return pipe._component("text_encoder", networks=networks), pipe._component("unet", networks=networks)
 
 
 def main():

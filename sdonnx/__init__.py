@@ -5,7 +5,7 @@ until `Pipeline.load`.
 """
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load", "__version__"]
+__all__ = ["GenerationRequest", "Pipeline", "load", "randn", "__version__"]
 
 
 def __getattr__(name):
@@ -18,4 +18,12 @@ def __getattr__(name):
         from .pipeline import Pipeline
 
         return Pipeline.load
+    if name == "GenerationRequest":
+        from .request import GenerationRequest
+
+        return GenerationRequest
+    if name == "randn":
+        from .diffusion.rng import randn
+
+        return randn
     raise AttributeError(f"module 'sdonnx' has no attribute {name!r}")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from .schedules import SCHEDULER_NAMES
 
 # the errors a user can cause; they print one line and exit non-zero, never a traceback
 USER_ERRORS = (ValueError, OSError)
@@ -40,59 +39,143 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def _image_options(command):
-    """img2img / inpaint / outpaint / hires fix / tiling flags of `generate`."""
-    options = [
-        click.option("--init-image", type=click.Path(), help="img2img: start from this image."),
-        click.option("--strength", "--denoising-strength", "strength", default=0.75, show_default=True, type=float,
-                     help="img2img denoising strength in (0, 1]."),
-        click.option("--resize-mode", type=click.Choice(["0", "1", "2", "3"]), default="0", show_default=True,
-                     help="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale."),
-        click.option("--mask", type=click.Path(), help="Inpainting mask (white = repaint), the init image's size."),
-        click.option("--mask-blur", default=4, show_default=True, type=int),
-        click.option("--inpainting-fill", type=click.Choice(["0", "1", "2", "3"]), default="1", show_default=True,
-                     help="Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing."),
-        click.option("--only-masked", "inpaint_full_res", is_flag=True, help="Inpaint area: only the masked part."),
-        click.option("--inpaint-padding", "inpaint_full_res_padding", default=32, show_default=True, type=int),
-        click.option("--invert-mask", "inpainting_mask_invert", is_flag=True),
-        click.option("--outpaint", metavar="L,R,U,D", help="Extend the init image's canvas by these pixels and paint there."),
-        click.option("--hires", is_flag=True, help="Hires fix: a second pass at a larger size."),
-        click.option("--hires-scale", default=2.0, show_default=True, type=float),
-        click.option("--hires-width", default=0, type=int),
-        click.option("--hires-height", default=0, type=int),
-        click.option("--hires-upscaler", default="Latent", show_default=True,
-                     help="Latent, Latent (bicubic), Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None."),
-        click.option("--hires-steps", default=0, type=int, help="0: as many as --steps."),
-        click.option("--hires-denoising", default=0.7, show_default=True, type=float),
-        click.option("--hires-sampler", default=None),
-        click.option("--hires-prompt", default=None),
-        click.option("--tiling", type=click.Choice(["xy", "x", "y"]), default=None, help="Seamless tiling."),
-        click.option("--tiled-vae/--no-tiled-vae", default=None, help="VAE in tiles [default: for large images]."),
-        click.option("--refiner", default=None, type=click.Path(), help="SDXL refiner model folder (A1111's switch)."),
-        click.option("--refiner-switch-at", default=0.8, show_default=True, type=float,
-                     help="Fraction of the steps after which the refiner takes over."),
-    ]
-    for option in reversed(options):
-        command = option(command)
+# The request's fields on the command line. Each field is an option named after it (--hires-steps for
+# hires_steps), with its help and choices from the request; only the flags that are spelled otherwise are
+# listed here, so a new request field needs no edit in this file.
+FLAGS = {
+    "negative_prompt": ("-n", "--negative-prompt"),
+    "width": ("-W", "--width"),
+    "height": ("-H", "--height"),
+    "strength": ("--strength", "--denoising-strength"),
+    "inpaint_full_res": ("--only-masked/--whole-picture",),
+    "inpaint_full_res_padding": ("--inpaint-padding",),
+    "inpainting_mask_invert": ("--invert-mask/--no-invert-mask",),
+    "sampler_options": ("--sampler-option",),
+}
+
+
+def _request_option(field):
+    """The click option of one request field; default None, so the flags given can be told apart."""
+    meta, name = field.metadata, field.name
+    flag = "--" + name.replace("_", "-")
+    kind = meta["kind"]
+    hidden = field.default is None or field.default is False or field.default == ""
+    default = "" if hidden else f" [default: {field.default}]"
+    options = dict(default=None, help=meta["help"] + default)
+    if meta["choices"]:
+        options["type"] = click.Choice(meta["choices"])
+    elif kind is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    elif kind is dict:
+        options.update(multiple=True, metavar="KEY=VALUE", default=())
+    elif name in ("init_image", "mask", "refiner"):
+        options["type"] = click.Path()
+    elif kind in (int, float):
+        options["type"] = kind
+    return click.option(*FLAGS.get(name, (flag,)), name, **options)
+
+
+def _request_options(command):
+    from .request import GenerationRequest
+
+    for _, field in reversed(GenerationRequest.fields()):
+        if field.metadata["cli"]:
+            command = _request_option(field)(command)
     return command
 
 
-def _image_args(opts):
-    """CLI flags -> generate keywords; the outpaint canvas and mask are made here from the init image."""
-    args = {k: v for k, v in opts.items() if k != "outpaint"}
-    args["resize_mode"], args["inpainting_fill"] = int(args["resize_mode"]), int(args["inpainting_fill"])
-    if opts.get("outpaint"):
-        from .img2img import load_image, outpaint_canvas
-
-        if not opts.get("init_image"):
-            raise ValueError("--outpaint needs --init-image")
+def _option_value(text):
+    """--sampler-option values: numbers and true/false as such, the rest as text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
         try:
-            left, right, up, down = (int(v) for v in opts["outpaint"].split(","))
+            return kind(text)
         except ValueError:
-            raise ValueError(f"--outpaint {opts['outpaint']!r}: give four pixel counts L,R,U,D") from None
-        args["init_image"], args["mask"] = outpaint_canvas(load_image(opts["init_image"]), left, right, up, down)
-        args["strength"] = opts["strength"] if opts["strength"] != 0.75 else 1.0
-    return args
+            pass
+    return text
+
+
+def _given(fields):
+    """The request keywords of the flags given on the command line, converted to the request's types."""
+    from .request import GenerationRequest
+
+    kinds = {f.name: f.metadata["kind"] for _, f in GenerationRequest.fields()}
+    given = {}
+    for name, value in fields.items():
+        if value is None or value == ():
+            continue
+        if name == "sampler_options":
+            pairs = [item.partition("=") for item in value]
+            bad = [k for k, eq, _ in pairs if not eq]
+            if bad:
+                raise ValueError(f"--sampler-option {bad[0]!r}: give KEY=VALUE, e.g. order=3")
+            value = {k.strip(): _option_value(v) for k, _, v in pairs}
+        elif name == "crop_top_left":
+            value = _pair("--crop-top-left", value)
+        elif kinds[name] is int and isinstance(value, str):
+            value = int(value)  # the numbered choices (resize mode, masked content)
+        given[name] = value
+    return given
+
+
+def _pair(flag, text):
+    try:
+        top, left = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give two whole numbers TOP,LEFT") from None
+    return top, left
+
+
+def _infotext_settings(from_image, from_infotext):
+    """The settings an image's (or a text's) A1111 infotext holds, as request keywords."""
+    from .image import read_infotext
+    from .request import GenerationRequest
+
+    if from_image and from_infotext:
+        raise ValueError("give --from-image or --from-infotext, not both")
+    text = from_infotext
+    if from_image:
+        text = read_infotext(from_image)
+        if not text:
+            raise ValueError(f"{from_image} holds no generation parameters (no A1111 infotext)")
+    return GenerationRequest.from_infotext(text).to_kwargs(changed_only=True) if text else {}
+
+
+def _cli_request(prompt, model, from_image, from_infotext, outpaint, fields):
+    """The request of a generate command: the infotext's settings, then the flags given over them."""
+    from .request import GenerationRequest
+
+    settings = _infotext_settings(from_image, from_infotext)
+    given = _given(fields)
+    if "sampler_options" in given:
+        given["sampler_options"] = {**settings.get("sampler_options", {}), **given["sampler_options"]}
+    settings.update(given)
+    if prompt is not None:
+        settings["prompt"] = prompt
+    if "prompt" not in settings:
+        raise ValueError("give a PROMPT, or --from-image / --from-infotext to take it from an image")
+    refiner = settings.get("refiner")
+    if refiner and not Path(refiner).exists() and (Path(model).parent / refiner).is_dir():
+        settings["refiner"] = str(Path(model).parent / refiner)  # an infotext names the refiner's folder
+    if outpaint:
+        settings.update(_outpaint(outpaint, settings))
+    return GenerationRequest.from_kwargs(**settings)
+
+
+def _outpaint(spec, settings):
+    """--outpaint L,R,U,D: the bigger canvas and its mask, made from the init image (strength 1 unless given)."""
+    from .img2img import load_image, outpaint_canvas
+
+    if not settings.get("init_image"):
+        raise ValueError("--outpaint needs --init-image")
+    try:
+        left, right, up, down = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--outpaint {spec!r}: give four pixel counts L,R,U,D") from None
+    image, mask = outpaint_canvas(load_image(settings["init_image"]), left, right, up, down)
+    return {"init_image": image, "mask": mask, "strength": settings.get("strength", 1.0)}
 
 
 class _Commands(click.Group):
@@ -123,25 +206,14 @@ def main(verbose):
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("-m", "--model", required=True, type=click.Path(), help="Converted model folder.")
-@click.option("-n", "--negative-prompt", default="", help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, type=int)
-@click.option("--cfg-scale", default=7.0, show_default=True, type=float)
-@click.option("--sampler", default="Euler a", show_default=True, help="A1111 sampler name, e.g. 'DPM++ 2M Karras'.")
-@click.option("--scheduler", default="Automatic", show_default=True, help="Schedule type: " + ", ".join(SCHEDULER_NAMES))
-@click.option("--seed", default=-1, show_default=True, type=int, help="-1 draws a random seed.")
-@click.option("-W", "--width", type=int, help="Image width (multiple of 8); default: the model's native size.")
-@click.option("-H", "--height", type=int, help="Image height (multiple of 8); default: the model's native size.")
-@click.option("--batch-size", default=1, show_default=True, type=int)
-@click.option("--batch-count", default=1, show_default=True, type=int)
-@click.option("--clip-skip", default=1, show_default=True, type=int)
-@click.option("--emphasis", type=click.Choice(["Original", "No norm", "Ignore", "None"]), default="Original",
-              show_default=True, help="How (word:1.2) weights apply (A1111's emphasis modes).")
+@click.option("--from-image", type=click.Path(), help="Take every setting from this image's A1111 infotext; "
+              "flags given beside it override (give --init-image/--mask again for img2img).")
+@click.option("--from-infotext", metavar="TEXT", help="As --from-image, from infotext TEXT.")
+@click.option("--outpaint", metavar="L,R,U,D", help="Extend the init image's canvas by these pixels and paint there.")
 @click.option("--embeddings-dir", type=click.Path(file_okay=False),
               help="Folder of textual inversion embeddings [default: models/embeddings].")
-@click.option("--rng", type=click.Choice(["nv", "cpu"]), default="nv", show_default=True,
-              help="Random number source: nv reproduces A1111's GPU seeds, cpu its CPU seeds.")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
 @click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
 @click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
@@ -153,30 +225,56 @@ def main(verbose):
                    "memory follows the largest model, not all of them. Default: on for a single batch, where "
                    "every session is created once either way, so it costs nothing; off for --batch-count > 1, "
                    "where it would re-create the UNet and VAE sessions per batch.")
-@_image_options
-def generate(prompt, model, negative_prompt, steps, cfg_scale, sampler, scheduler, seed, width, height,
-             batch_size, batch_count, clip_skip, emphasis, embeddings_dir, rng, provider, device_id, device, lora_dir,
-             outdir, lowmem, **image_opts):
-    """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext."""
+@_request_options
+def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
+             lora_dir, outdir, lowmem, **fields):
+    """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
+
+    Every setting of the generation request is an option below."""
     from .image import save_png
     from .pipeline import Pipeline
 
     try:
+        request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields)
         if lowmem is None:
-            lowmem = batch_count == 1
+            lowmem = request.prompt.batch_count == 1
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device)
-        args = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
-                    sampler=sampler, scheduler=scheduler, seed=seed, width=width, height=height,
-                    batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, rng=rng,
-                    emphasis=emphasis, **_image_args(image_opts))
         with _Progress("sampling") as progress:
-            result = pipe.generate(**args, callback=progress.update)
+            result = pipe.generate(request, callback=progress.update)
         for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
             path = save_png(image, outdir, infotext, seed=seed_used)
             click.echo(str(path))
     except _user_errors() as e:
         _fail(e)
+
+
+@main.command("png-info")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the infotext, its A1111 keys and the settings.")
+def png_info(file, as_json):
+    """Print the generation parameters (A1111 infotext) stored in an image, and the settings they give."""
+    import json
+
+    from .image import read_infotext
+    from .infotext import parse_infotext
+    from .request import GenerationRequest
+
+    try:
+        text = read_infotext(file)
+        if not text:
+            raise ValueError(f"{file} holds no generation parameters (no A1111 infotext)")
+        settings = GenerationRequest.from_infotext(text).to_kwargs(changed_only=True)
+    except _user_errors() as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"infotext": text, "parameters": parse_infotext(text), "settings": settings},
+                              indent=2, ensure_ascii=False))
+        return
+    click.echo(text)
+    click.echo("")
+    for name, value in settings.items():
+        click.echo(f"{name}: {value!r}" if isinstance(value, str) and "\n" in value else f"{name}: {value}")
 
 
 @main.command()

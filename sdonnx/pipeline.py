@@ -3,14 +3,13 @@
 request -> prompt conditioning -> sigmas -> initial noise (seeded) -> denoise loop (sampler) ->
 VAE decode -> images + infotext.
 """
+import inspect
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .adapters.hypernetwork import hypernet_requests
 from .adapters.lora import Loras, lora_requests
 from .adapters.textual_inversion import EmbeddingDatabase, embedding_parts
@@ -18,20 +17,19 @@ from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
 from .image import latents_to_images
-from .img2img import IMAGE_UPSCALERS, InitPlan, hires_plan as _hires_plan, img2img_sigmas as _img2img_sigmas, to_array, upscale_latents
-from .infotext import format_infotext
+from .img2img import IMAGE_UPSCALERS, to_array, upscale_latents
 from .manifest import load_manifest
 from .prompt import extract_networks
 from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
+from .request import MAX_SEED, GenerationRequest  # noqa: F401  (MAX_SEED: re-exported, doors use it)
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
 from .runtime.session import return_freed_memory
-from .samplers import SAMPLER_INFO, SAMPLERS, BrownianTreeNoiseSampler, build_sigmas, resolve
+from .samplers import SAMPLER_INFO, SAMPLERS, BrownianTreeNoiseSampler
 from .text.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 DEFAULT_LORA_DIR = Path("models") / "Lora"
 DEFAULT_EMBEDDINGS_DIR = Path("models") / "embeddings"
 DEFAULT_HYPERNETWORK_DIR = Path("models") / "hypernetworks"
@@ -80,15 +78,12 @@ class Pipeline:
         self.manifest = manifest
         self.plan = plan
         self.lowmem = lowmem
+        # caches only: nothing a generate call asks for is kept for the next one
         self._components = {}  # (name, LoRA key, tiling, hypernetwork key: each None when off) -> component facade
         self.lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
         self._loras = None  # adapters.lora.Loras, made on the first LoRA tag
-        self._lora_keys = {}  # component -> cache key of the active LoRA set
-        self._lora_replacements = {}  # component -> {initializer: merged array} of the active set
         self.hypernetwork_dir = Path(hypernetwork_dir or DEFAULT_HYPERNETWORK_DIR)
         self._hypernetworks = None  # adapters.hypernetwork_graph.UnetHypernetworks, made on the first tag
-        self._hypernet_chain, self._hypernet_multipliers = (), None  # the active set (in the UNet only)
-        self._tiling = None
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
@@ -124,16 +119,18 @@ class Pipeline:
     def providers(self):
         return list(self.plan.names)
 
-    def _component(self, name, base=False):
-        """The session facade for `name` with the active LoRA set, hypernetworks and tiling, created on first
-        use. base: the fp32 base graph even where the model has a derived (optimized, fp16, int8) one."""
-        tiling = self._tiling if name in TILEABLE else None
-        chain = self._hypernet_chain if name == "unet" else ()
-        key = (name, self._lora_keys.get(name), tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ())
+    def _component(self, name, base=False, networks=None, tiling=None):
+        """The session facade for `name` with these extra networks (a Networks, or None) and tiling ("xy", "x",
+        "y" or None), created on first use. base: the fp32 base graph even where the model has a derived
+        (optimized, fp16, int8) one."""
+        tiling = tiling if name in TILEABLE else None
+        lora_key = networks.lora_key(name) if networks is not None else None
+        chain = networks.hypernets if networks is not None and name == "unet" else ()
+        key = (name, lora_key, tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ())
         if key not in self._components:
             kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
                     "vae_encoder": VaeEncoder}
-            options = {"replacements": self._lora_replacements[name]} if key[1] is not None else {}
+            options = {"replacements": networks.loras.replacements[name]} if lora_key is not None else {}
             if tiling:
                 options["tiling"] = tiling
             if base:
@@ -148,57 +145,48 @@ class Pipeline:
         if chain:
             from .adapters.hypernetwork_graph import WithMultipliers
 
-            return WithMultipliers(self._components[key], self._hypernet_multipliers)
+            return WithMultipliers(self._components[key], networks.multipliers)
         return self._components[key]
 
-    def _set_tiling(self, tiling):
-        """tiling: None/False, True or "xy", "x", "y" (seamless in those directions)."""
-        from .runtime.tiling import tiling_axes
+    def load_networks(self, loras=(), hypernets=()):
+        """These LoRAs ([LoraRequest]) and hypernetworks ([HypernetRequest], chained in order) ready to pass as
+        `networks=`: a Networks, or None when there are none.
 
-        self._tiling = tiling_axes(tiling)
+        LoRA merges are cached per set; the hypernetwork UNet per set of files (multipliers are a graph
+        input, so strengths change for free). Unknown hypernetworks and files for another model are left out
+        with a warning, as in A1111. Nothing about the set is kept for later calls."""
+        applied = None
+        if loras:
+            if self._loras is None:
+                self._loras = Loras(self.folder, self.manifest, self.lora_dir)
+            applied = self._loras.apply(loras)
+        active = []
+        if hypernets:
+            if self._hypernetworks is None:
+                from .adapters.hypernetwork_graph import UnetHypernetworks
 
-    def set_loras(self, requests):
-        """Give the text encoder and UNet these LoRAs ([LoraRequest]; [] restores the base sessions exactly).
-
-        Merged sessions are cached per LoRA set, one per component besides the base. Returns the
-        `Lora hashes` infotext value ({name: short hash}), or None without LoRAs."""
-        if not requests:
-            self._lora_keys, self._lora_replacements = {}, {}
+                self._hypernetworks = UnetHypernetworks(self.folder, self.manifest, self.hypernetwork_dir)
+            active = self._hypernetworks.select(hypernets)
+        if applied is None and not active:
             return None
-        if self._loras is None:
-            self._loras = Loras(self.folder, self.manifest, self.lora_dir)
-        applied = self._loras.apply(requests)
-        self._lora_keys = dict(applied.keys)
-        self._lora_replacements = {name: applied.replacements[name] for name in applied.keys}
-        return applied.hashes
-
-    def set_hypernetworks(self, requests):
-        """Give the UNet these hypernetworks ([HypernetRequest], chained in order; [] for none). Unknown names
-        and files for another model are left out with a warning, as in A1111. The rewritten UNet is cached
-        per set of files (one beside the base); multipliers are a graph input, so strengths change for free."""
-        if requests and self._hypernetworks is None:
-            from .adapters.hypernetwork_graph import UnetHypernetworks
-
-            self._hypernetworks = UnetHypernetworks(self.folder, self.manifest, self.hypernetwork_dir)
-        active = self._hypernetworks.select(requests) if requests else []
-        self._hypernet_chain = tuple(h for h, _ in active)
-        self._hypernet_multipliers = np.array([m for _, m in active], np.float32)
+        return Networks(applied, tuple(h for h, _ in active), np.array([m for _, m in active], np.float32))
 
     # ------------------------------------------------------------------ stages
 
     def encode_prompts(self, prompt, negative_prompt="", steps=1, clip_skip=1, emphasis="Original", guidance=True,
-                       first_pass_steps=None):
+                       first_pass_steps=None, networks=None):
         """Prompt and negative prompt (A1111 prompt language, extra-network tags already taken out) ->
         (Conditioning with at(step) for the denoiser, infotext params: TI hashes, Emphasis).
 
         steps: the model calls to schedule over (`SamplerInfo.total_steps`); first_pass_steps: for the hires
-        pass, the first pass's, which its prompt-editing timeline continues (A1111 >= 1.6)."""
+        pass, the first pass's, which its prompt-editing timeline continues (A1111 >= 1.6). networks: the
+        LoRAs the text encoders run with (from load_networks)."""
         self.embeddings.refresh()
         m = self.manifest
         parts = embedding_parts(t.component for t in m.text_encoders)  # SDXL: each encoder its part of a file
-        encoders = [PromptEncoder(self.tokenizers[t.component], self._component(t.component), self.embeddings,
-                                  clip_skip=clip_skip, emphasis=check_emphasis(emphasis), pooled=t.pooled is not None,
-                                  embedding_part=part)
+        encoders = [PromptEncoder(self.tokenizers[t.component], self._component(t.component, networks=networks),
+                                  self.embeddings, clip_skip=clip_skip, emphasis=check_emphasis(emphasis),
+                                  pooled=t.pooled is not None, embedding_part=part)
                     for t, part in zip(m.text_encoders, parts)]
         # a UNet with added conditions takes entries that carry the pooled output (and later the time ids)
         encoder = JointPromptEncoder(encoders, m.force_zeros_for_empty_prompt) if m.has_added_conditions else encoders[0]
@@ -221,28 +209,38 @@ class Pipeline:
             return conditioning.with_added(ids([float(aesthetic_score)]), ids([float(negative_aesthetic_score)]))
         return conditioning.with_added(ids(size))
 
-    def decode(self, latents, tiled=None):
-        """latents: [B, C, h, w] in the sampler's scale -> PIL images (in tiles when tiled, or when None
-        and the image is large)."""
+    def decode(self, latents, tiled=None, tiling=None):
+        """latents: [B, C, h, w] in the sampler's scale -> PIL images (VAE in tiles when tiled, or when None
+        and the image is large; tiling: the seamless-tiling axes the image was made with)."""
         latents = latents / self.manifest.vae_scaling_factor
         f = self.manifest.vae_scale_factor
         tiles = _use_tiles(tiled, (latents.shape[2] * f, latents.shape[3] * f))
-        decoder = self._component("vae_decoder", base=self._vae_overflowed)
+        decoder = self._component("vae_decoder", base=self._vae_overflowed, tiling=tiling)
         images = _vae_decode(decoder, latents, tiles)
         if not np.isfinite(images).all() and not decoder.is_base:
             # fp16 activations past 65504 turn into Inf, then NaN after a norm: A1111's --no-half-vae, by itself
             log.warning("the %s VAE decoder overflowed (NaN/Inf in the image); decoding with the fp32 one from now on",
                         self.manifest.components["vae_decoder"].optimized.get("dtype", "optimized"))
             self._vae_overflowed = True
-            images = _vae_decode(self._component("vae_decoder", base=True), latents, tiles)
+            images = _vae_decode(self._component("vae_decoder", base=True, tiling=tiling), latents, tiles)
         return latents_to_images(images)
 
-    def encode_images(self, images):
+    def encode_images(self, images, tiled=False, tiling=None):
         """images: [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] in the sampler's scale.
 
         The posterior mean, not a random sample as A1111 draws (its spread is ~1e-3 of the latent):
-        the same image always gives the same latents."""
-        mean, _ = self._component("vae_encoder")(np.asarray(images, np.float32))
+        the same image always gives the same latents. tiled: the VAE in tiles (None: for large images)."""
+        encoder = self._component("vae_encoder", tiling=tiling)
+        images = np.asarray(images, np.float32)
+        if _use_tiles(tiled, images.shape[2:]):
+            from .tiled_vae import encode_tiled
+
+            # tiles take whole latents: the rows/columns past the last multiple of the VAE factor (only a
+            # latent-upscale init image has them) are left out, where a whole-image pass floors them
+            f = self.manifest.vae_scale_factor
+            mean, _ = encode_tiled(encoder, images[..., :images.shape[2] // f * f, :images.shape[3] // f * f])
+        else:
+            mean, _ = encoder(images)
         return mean * self.manifest.vae_scaling_factor
 
     def _release(self, *names):
@@ -257,285 +255,326 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generate
 
-    def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
-                 scheduler="Automatic", seed=-1, width=None, height=None, batch_size=1, batch_count=1,
-                 latents=None, callback=None, rng="nv", noise_sampler=None, clip_skip=1, preview=None,
-                 subseed=-1, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0, ensd=0,
-                 sigma_min=None, sigma_max=None, rho=None, emphasis="Original",
-                 init_image=None, strength=0.75, resize_mode=0, mask=None, mask_blur=4, inpainting_fill=1,
-                 inpaint_full_res=False, inpaint_full_res_padding=32, inpainting_mask_invert=False,
-                 hires=False, hires_scale=2.0, hires_width=0, hires_height=0, hires_upscaler="Latent",
-                 hires_steps=0, hires_denoising=0.7, hires_sampler=None, hires_scheduler=None,
-                 hires_prompt=None, hires_negative_prompt=None, tiling=None, tiled_vae=None,
-                 crop_top_left=(0, 0), aesthetic_score=6.0, negative_aesthetic_score=2.5, refiner=None,
-                 refiner_switch_at=0.8, **sampler_options):
-        """txt2img, img2img and inpainting (with init_image / mask), with optional hires fix.
+    def generate(self, prompt="", negative_prompt=None, *, latents=None, callback=None, noise_sampler=None,
+                 preview=None, **settings):
+        """txt2img, img2img and inpainting, with optional hires fix and refiner -> GenerationResult.
 
-        Returns GenerationResult(images, seeds, infotexts, ...); its providers / devices say which ONNX
-        Runtime provider and device ran each component of this call.
+        Takes a `sdonnx.GenerationRequest` (`pipe.generate(request)`), or its keywords
+        (`pipe.generate("a cat", steps=20, hires=True)`; `GenerationRequest.keywords()` lists them with
+        their defaults, and each part's fields document them). With a request, keywords given beside it
+        replace its values. Every setting is checked before a session runs.
 
-        latents: the initial noise as diffusers takes it, [batch_size, C, H/f, W/f], before scaling by the
-        first sigma. callback(step, total) is called after every sampler step of every batch; when it raises
-        Interrupted, sampling stops and the result holds the finished batches plus, as A1111 shows an
-        interrupted image, the current batch decoded from its last x0 estimate (result.interrupted is True).
-        noise_sampler(sigma, sigma_next) overrides the per-step noise of stochastic samplers (advanced: to
-        match another implementation's random stream). preview(denoised) gets each step's x0 estimate
-        [batch_size, C, H/f, W/f] (live previews).
-
-        Seeds as A1111: image i of the job uses seed + i; subseed/subseed_strength give variation seeds,
-        seed_resize_from_w/h A1111's "resize seed from"; ensd is the eta noise seed delta (ancestral and
-        SDE noise). sigma_min/sigma_max/rho override the schedule; sampler_options (eta, s_churn, s_tmin,
-        s_tmax, s_noise, ...) go to the sampler, defaulting to A1111's values.
-
-        img2img (A1111's semantics): init_image (PIL image or path) is resized to width x height by
-        resize_mode (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale), encoded, and
-        noised to the schedule's step int(min(strength, 0.999) * steps); the last t_enc + 1 steps of a
-        `steps`-step schedule run. Width/height default to the init image's size rounded to 8.
-        Inpainting: mask (white = repaint, same size as init_image), mask_blur, inpainting_fill (0 fill,
-        1 original, 2 latent noise, 3 latent nothing), inpaint_full_res (only the masked area, grown by
-        inpaint_full_res_padding, is processed at width x height), inpainting_mask_invert. 9-channel
-        inpainting models get the mask and masked image as extra UNet input; every model's result keeps
-        the original outside the mask.
-        Hires fix: hires=True runs a second img2img pass at hires_scale (or hires_width x hires_height)
-        after upscaling with hires_upscaler ("Latent", "Latent (bicubic)", "Latent (nearest)",
-        "Latent (nearest-exact)", "Lanczos", "Nearest", "None"), with hires_steps (0 = steps), hires_denoising, and optional
-        hires_sampler / hires_scheduler / hires_prompt / hires_negative_prompt.
-        tiling: True/"xy", "x" or "y" makes the image tile seamlessly (circular padding); tiled_vae: True
-        decodes/encodes in tiles (None: automatically for large images).
-        SDXL (models whose UNet takes time ids): crop_top_left (top, left) goes into the time ids beside the
-        image size; the refiner's aesthetic_score / negative_aesthetic_score (A1111's 6.0 / 2.5).
-        Refiner (A1111's switch): refiner (a Pipeline or a model folder) takes over the first pass's denoiser
-        calls from the fraction refiner_switch_at of the sampled steps on, with its own conditioning, and
-        decodes the result (the hires pass, if any, runs on this model).
+        Hooks that are not part of the request: latents, the initial noise as diffusers takes it,
+        [batch_size, C, H/f, W/f] before scaling by the first sigma (the seed still gives the per-step noise,
+        as diffusers' generator does; batch_count must be 1, since every batch would repeat that noise);
+        callback(step, total) after every sampler step (raise Interrupted to stop: the result then holds the
+        finished batches plus the current one decoded from its last x0 estimate, result.interrupted True);
+        noise_sampler(sigma, sigma_next) overrides the first pass's per-step noise; preview(denoised) gets
+        each step's x0 estimate [batch_size, C, H/f, W/f].
         """
-        m = self.manifest
         self._ran = {}
-        init = self._init_plan(init_image, mask, width, height, resize_mode, mask_blur, inpainting_mask_invert,
-                               inpaint_full_res, inpaint_full_res_padding, inpainting_fill, strength)
-        width, height = _check_size(init.width if init else (width or m.native_size),
-                                    init.height if init else (height or m.native_size), m.vae_scale_factor)
-        resolved = resolve(sampler, scheduler)
-        _check_sampler_options(resolved.sampler, sampler_options)
-        steps = _positive_int("steps", steps)
-        batch_size = _positive_int("batch_size", batch_size)
-        batch_count = _positive_int("batch_count", batch_count)
-        seed = random.randint(0, MAX_SEED) if seed is None or int(seed) == -1 else int(seed)
-        shape = (m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (batch_size, *shape):
-                raise ValueError(f"latents have shape {latents.shape}; expected {(batch_size, *shape)} "
-                                 f"for batch size {batch_size} at {width}x{height}")
-        hr = _hires_plan(width, height, hires_scale, hires_width, hires_height, hires_upscaler,
-                         hires_steps or steps, hires_denoising, m.vae_scale_factor, bool(hires_steps)) if hires else None
-        self._set_tiling(tiling)
-        sigma_overrides = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-        sigmas = _img2img_sigmas(build_sigmas(resolved, steps, self.model_sigmas, sdxl=m.is_sdxl, **sigma_overrides),
-                                 init.strength if init else None)
-        variation = subseed_strength > 0
-        subseed = (random.randint(0, MAX_SEED) if subseed is None or int(subseed) == -1 else int(subseed)) if variation else None
-        # --- conditioning start (prompt language: issue 4)
-        prompt_text, networks = extract_networks(prompt)  # A1111 takes tags from the positive prompt only
-        lora_hashes = self.set_loras(lora_requests(networks))  # LoRA hook: before the text encoder runs
-        self.set_hypernetworks(hypernet_requests(networks))  # the tags stay in the infotext's prompt, as A1111
-        calls = SAMPLER_INFO[resolved.sampler].total_steps(steps)  # A1111 schedules prompts over model calls
-        conditioning, prompt_params = self.encode_prompts(prompt_text, negative_prompt, calls, clip_skip, emphasis,
-                                                          guidance=cfg_scale != 1.0)
-        hr_conditioning = self._hires_conditioning(hr, resolve(hires_sampler or resolved.sampler,
-                                                               hires_scheduler or resolved.schedule),
-                                                   hires_prompt, hires_negative_prompt, prompt, negative_prompt,
-                                                   calls, clip_skip, emphasis, cfg_scale)
-        added = dict(crop=crop_top_left, aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-        conditioning = self.with_time_ids(conditioning, width, height, **added)
-        if hr is not None:  # A1111 conditions the second pass on the hires size
-            hr_conditioning = self.with_time_ids(hr_conditioning, hr.width, hr.height, **added)
-        refine = self._refiner_plan(refiner, refiner_switch_at, prompt_text, negative_prompt, calls, clip_skip,
-                                    emphasis, cfg_scale, (width, height), added,
-                                    SAMPLER_INFO[resolved.sampler].total_steps(len(sigmas) - 1))
-        # --- conditioning end
-        self._release("text_encoder")
-        init_latent, image_cond = self._init_latents(init, shape, tiled_vae)
-        self._release("vae_encoder")
-        params = {"Steps": steps, "Sampler": resolved.sampler, "Schedule type": resolved.schedule,
-                  "CFG scale": cfg_scale, "Size": (width, height), "Model hash": m.model_hash, "Model": m.name,
-                  "Denoising strength": init.strength if init else (hr.denoising if hr else None),
-                  "Clip skip": clip_skip, "RNG": {"nv": "NV", "cpu": "CPU"}.get(rng, rng), "Lora hashes": lora_hashes,
-                  **prompt_params,
-                  "Variation seed strength": subseed_strength if variation else None,
-                  "Seed resize from": (seed_resize_from_w, seed_resize_from_h) if seed_resize_from_w > 0 and seed_resize_from_h > 0 else None,
-                  "ENSD": ensd or None, "Tiling": bool(tiling), "Schedule max sigma": sigma_max,
-                  "Schedule min sigma": sigma_min, "Schedule rho": rho, **(init.params() if init else {}),
-                  **(hr.params(hires_sampler, hires_scheduler, hires_prompt, hires_negative_prompt) if hr else {}),
-                  **_refiner_params(refine, refiner_switch_at),
-                  **_option_params(resolved, sampler_options), "Version": f"sdonnx {__version__}"}
-        images, seeds, infotexts, interrupted = [], [], [], False
-        total = (len(sigmas) - 1 + (hr.steps_run if hr else 0)) * batch_count
-        for n in range(batch_count):
-            batch_seeds = [seed + n * batch_size + j for j in range(batch_size)]
-            batch_subseeds = [subseed + n * batch_size + j for j in range(batch_size)] if variation else None
-            rng_args = dict(source=rng, subseeds=batch_subseeds, subseed_strength=subseed_strength,
-                            seed_resize_from_h=seed_resize_from_h, seed_resize_from_w=seed_resize_from_w,
-                            eta_noise_seed_delta=ensd)
-            image_rng = ImageRNG(shape, batch_seeds, **rng_args)
-            noise = latents if latents is not None else image_rng.first()
-            on_step = _step_reporter(callback, n * total // batch_count, total, preview)
-            try:
-                x = self._denoise_pass(resolved, sigmas, noise, init_latent, image_cond, init, conditioning,
-                                       cfg_scale, noise_sampler, image_rng, batch_seeds, on_step, sampler_options,
-                                       refine)
-                if hr is not None:
-                    x = self._hires_pass(hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides,
-                                         hr_conditioning, cfg_scale, batch_seeds, rng_args, on_step,
-                                         sampler_options, tiled_vae)
-            except Interrupted:
-                interrupted, x = True, on_step.last_denoised
-            if x is not None:
-                self._release("unet")
-                batch_images = (refine[0] if refine and hr is None else self).decode(x, tiled=tiled_vae)
-                images += [init.finish(im) for im in batch_images] if init else batch_images
-                seeds += batch_seeds
-                infotexts += [format_infotext(prompt, negative_prompt, {**params, **_seed_params(s, j, batch_subseeds)})
-                              for j, s in enumerate(batch_seeds)]
-            if interrupted:
-                break
-        self._release("vae_decoder", "vae_encoder")
-        self._ran = ran = _ran_on(self._ran)
-        return GenerationResult(images=images, seeds=seeds, infotexts=infotexts, parameters=params,
-                                interrupted=interrupted, providers={k: v[0] for k, v in ran.items()},
-                                devices={k: v[1] for k, v in ran.items()})
+        request = _request(prompt, negative_prompt, settings)
+        plan = request.validate(self.manifest, self.model_sigmas)
+        hooks = _Hooks(_check_latents(latents, plan, request.prompt), callback, noise_sampler, preview)
+        refiner = self._refiner(request.refiner.refiner)
+        job = self._prepare(request, plan, refiner)
+        return self._run(request, plan, job, hooks)
 
     # ------------------------------------------------------------------ generate's stages
 
-    def _init_plan(self, init_image, mask, width, height, resize_mode, mask_blur, invert, only_masked, padding,
-                   fill, strength):
-        if init_image is None:
-            if mask is not None:
-                raise ValueError("a mask needs an init_image to inpaint")
-            return None
-        return InitPlan.make(init_image, mask, width, height, resize_mode=resize_mode, mask_blur=mask_blur,
-                             invert=invert, only_masked=only_masked, padding=padding, fill=fill,
-                             strength=strength, factor=self.manifest.vae_scale_factor)
+    def _prepare(self, request, plan, refiner):
+        """Everything the batches share: LoRAs, conditionings, the init latent and image conditioning."""
+        p, s, h = request.prompt, request.sampling, request.hires
+        text, tags = extract_networks(p.prompt)  # A1111 takes tags from the positive prompt only
+        # before the text encoder runs; hypernetwork tags stay in the infotext's prompt, as A1111
+        networks = self.load_networks(lora_requests(tags), hypernet_requests(tags))
+        guidance = s.cfg_scale != 1.0
+        calls = SAMPLER_INFO[plan.sampler.sampler].total_steps(s.steps)  # A1111 schedules prompts over model calls
+        conditioning, prompt_params = self.encode_prompts(text, p.negative_prompt, calls, p.clip_skip, p.emphasis,
+                                                          guidance, networks=networks)
+        hr_conditioning = None
+        if plan.hires is not None:  # its own, as A1111's: prompt editing goes on from the first pass's calls
+            hr_text, _ = extract_networks(h.hires_prompt or p.prompt)
+            hr_conditioning, _ = self.encode_prompts(
+                hr_text, h.hires_negative_prompt or p.negative_prompt,
+                SAMPLER_INFO[plan.hires_sampler.sampler].total_steps(plan.hires.steps), p.clip_skip, p.emphasis,
+                guidance, first_pass_steps=calls, networks=networks)
+        added = _added(request.sdxl)
+        conditioning = self.with_time_ids(conditioning, plan.width, plan.height, **added)
+        if plan.hires is not None:  # A1111 conditions the second pass on the hires size
+            hr_conditioning = self.with_time_ids(hr_conditioning, plan.hires.width, plan.hires.height, **added)
+        refine = self._refine(refiner, request, plan, text, calls)
+        self._release("text_encoder")
+        init_latent, image_cond = self._init_latents(plan, request.tiling.tiled_vae)
+        self._release("vae_encoder")
+        facts = {"Model hash": self.manifest.model_hash, "Model": self.manifest.name,
+                 "Lora hashes": networks.hashes if networks else None, "TI hashes": prompt_params["TI hashes"],
+                 "Refiner": _refiner_name(refiner)}
+        return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts)
 
-    def _init_latents(self, init, shape, tiled_vae):
+    def _run(self, request, plan, job, hooks):
+        """The batches, one after the other: sample, decode, infotext."""
+        size, count = request.prompt.batch_size, request.prompt.batch_count
+        params = request.infotext_params(plan, job.facts)
+        result = GenerationResult(images=[], seeds=[], infotexts=[], parameters=params)
+        total = (len(plan.sigmas) - 1 + (plan.hires.steps_run if plan.hires else 0)) * count
+        for n in range(count):
+            seeds, subseeds = plan.batch_seeds(n, size)
+            on_step = _step_reporter(hooks.callback, n * total // count, total, hooks.preview)
+            try:
+                x = self._sample_batch(request, plan, job, hooks, seeds, subseeds, on_step)
+            except Interrupted:
+                result.interrupted, x = True, on_step.last_denoised
+            if x is not None:
+                self._release("unet")
+                result.images += self._images(x, request, plan, job)
+                result.seeds += seeds
+                result.infotexts += [request.infotext(plan, n * size + j, params=params) for j in range(size)]
+            if result.interrupted:
+                break
+        self._release("vae_decoder", "vae_encoder")
+        self._ran = ran = _ran_on(self._ran)
+        result.providers, result.devices = {k: v[0] for k, v in ran.items()}, {k: v[1] for k, v in ran.items()}
+        return result
+
+    def _sample_batch(self, request, plan, job, hooks, seeds, subseeds, on_step):
+        """One batch's first pass, then its hires pass -> latents [B, C, h, w]."""
+        rng_args = _rng_args(request.seeds, subseeds)
+        rng = ImageRNG(plan.shape, seeds, **rng_args)
+        noise = hooks.latents if hooks.latents is not None else rng.first()
+        first = _Pass(plan.sampler, plan.sigmas, job.conditioning, request.sampling.options(), job.init_latent,
+                      job.image_cond, plan.init, job.refine)
+        x = self._sample(first, noise, rng, seeds, request, on_step, hooks.noise_sampler, job.networks, plan.tiling)
+        if plan.hires is None:
+            return x
+        return self._hires_pass(x, request, plan, job, seeds, rng_args, on_step)
+
+    def _hires_pass(self, x, request, plan, job, seeds, rng_args, on_step):
+        """A1111's hires fix second pass: upscale the first pass, then img2img at the target size. Its noise
+        comes from one new ImageRNG at the target size: the initial draw, then the per-step draws (A1111)."""
+        m, hr, tiled = self.manifest, plan.hires, request.tiling.tiled_vae
+        shape = (m.latent_channels, hr.height // m.vae_scale_factor, hr.width // m.vae_scale_factor)
+        if hr.upscaler.startswith("Latent"):
+            start = upscale_latents(x, shape[1:], hr.upscaler)
+        else:
+            images = [im.resize((hr.width, hr.height), IMAGE_UPSCALERS[hr.upscaler])
+                      for im in self.decode(x, tiled=tiled, tiling=plan.tiling)]
+            start = self.encode_images(np.concatenate([to_array(im) for im in images]), tiled, plan.tiling)
+        # an inpainting model repaints everything in the second pass, as in txt2img (A1111)
+        image_cond = self._blank_image_cond(shape, tiled, plan.tiling) if m.is_inpaint else None
+        same = plan.hires_sampler.sampler == plan.sampler.sampler
+        second = _Pass(plan.hires_sampler, plan.hires_sigmas, job.hr_conditioning,
+                       request.sampling.options() if same else {}, start, image_cond)
+        rng = ImageRNG(shape, seeds, **rng_args)
+        return self._sample(second, rng.first(), rng, seeds, request, on_step, None, job.networks, plan.tiling)
+
+    def _sample(self, p, noise, rng, seeds, request, on_step, noise_sampler, networks, tiling):
+        """The one sampling routine of every pass: initial latent, denoiser (with the inpainting hooks and
+        the refiner switch), per-step noise, sampler -> latents [B, C, h, w]."""
+        keep = None
+        if p.start is not None and p.init is not None and p.init.mask is not None:
+            keep = 1.0 - p.init.latent_mask(noise.shape[2:])
+        x = _initial_latent(p, noise, keep)
+        denoise = self._denoiser(p, request.sampling.cfg_scale, networks, tiling)
+        if keep is not None:
+            denoise = _blend_known(denoise, p.start, keep)
+        step_noise = noise_sampler or _noise_sampler(p.sampler, x, p.sigmas, seeds, rng)
+        x = SAMPLERS[p.sampler.sampler](denoise, x, p.sigmas, noise_sampler=step_noise, callback=on_step,
+                                        **{**p.sampler.options, **p.options})
+        return x if keep is None else p.start * keep + x * (1.0 - keep)
+
+    def _denoiser(self, p, cfg_scale, networks, tiling):
+        """CFG denoiser of a pass; with a refiner, the refiner's takes over at its switch call."""
+        cfg_scale = cfg_scale * SAMPLER_INFO[p.sampler.sampler].cfg_multiplier
+        unet = _with_image_cond(self._component("unet", networks=networks, tiling=tiling), p.image_cond)
+        denoise = cfg_denoiser(unet, self.model_sigmas, self.manifest.prediction_type, cfg_scale=cfg_scale,
+                               cond_at=p.conditioning.at)
+        if p.refine is None:
+            return denoise
+        refiner, conditioning, at = p.refine
+        # the refiner's prompt schedule goes on counting calls where the base model's stopped
+        second = cfg_denoiser(refiner._component("unet", tiling=tiling), refiner.model_sigmas,
+                              refiner.manifest.prediction_type, cfg_scale=cfg_scale,
+                              cond_at=lambda i: conditioning.at(i + at))
+        return _switching(denoise, second, at)
+
+    def _images(self, x, request, plan, job):
+        """Decode a batch (with the refiner's VAE when it finished the job) and paste inpainting results."""
+        decoder = job.refine[0] if job.refine and plan.hires is None else self
+        images = decoder.decode(x, tiled=request.tiling.tiled_vae, tiling=plan.tiling)
+        return [plan.init.finish(im) for im in images] if plan.init else images
+
+    def _init_latents(self, plan, tiled):
         """(init latent [1, C, h, w] or None, inpainting-model image conditioning [1, C+1, h, w] or None)."""
-        m = self.manifest
-        image_cond = None
-        if init is None:
-            if m.is_inpaint:  # txt2img on an inpainting model: everything is to be painted
-                blank = np.zeros((1, 3, shape[1] * m.vae_scale_factor, shape[2] * m.vae_scale_factor), np.float32)
-                image_cond = np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), self._encode(blank, tiled_vae)], 1)
-            return None, image_cond
-        latent = self._encode(init.array, tiled_vae)
+        m, init, shape = self.manifest, plan.init, plan.shape
+        if init is None:  # txt2img on an inpainting model: everything is to be painted
+            return None, self._blank_image_cond(shape, tiled, plan.tiling) if m.is_inpaint else None
+        latent = self.encode_images(init.array, tiled, plan.tiling)
         if init.resize_mode == 3:  # A1111: the image encoded at its own size, the latents resized (bilinear)
             latent = upscale_latents(latent, shape[1:], "Latent")
-        if m.is_inpaint:
-            repaint = init.latent_mask(shape[1:]) if init.mask is not None else np.ones((1, 1, *shape[1:]), np.float32)
-            masked = self._encode(init.array * (1.0 - init.pixel_mask()), tiled_vae) if init.mask is not None else latent
-            image_cond = np.concatenate([repaint, masked], 1)
-        return latent, image_cond
+        if not m.is_inpaint:
+            return latent, None
+        if init.mask is None:
+            return latent, np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), latent], 1)
+        masked = self.encode_images(init.array * (1.0 - init.pixel_mask()), tiled, plan.tiling)
+        return latent, np.concatenate([init.latent_mask(shape[1:]), masked], 1)
 
-    def _encode(self, images, tiled):
-        if _use_tiles(tiled, images.shape[2:]):
-            from .tiled_vae import encode_tiled
+    def _blank_image_cond(self, shape, tiled, tiling):
+        """An inpainting model's conditioning when all is to be painted: mask of ones, the latents of a grey
+        image (A1111's txt2img_image_conditioning): [1, C+1, h, w]."""
+        f = self.manifest.vae_scale_factor
+        blank = np.zeros((1, 3, shape[1] * f, shape[2] * f), np.float32)
+        return np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), self.encode_images(blank, tiled, tiling)], 1)
 
-            # tiles take whole latents: the rows/columns past the last multiple of the VAE factor (only a
-            # latent-upscale init image has them) are left out, where a whole-image pass floors them
-            f = self.manifest.vae_scale_factor
-            images = images[..., :images.shape[2] // f * f, :images.shape[3] // f * f]
-            mean, _ = encode_tiled(self._component("vae_encoder"), images)
-            return mean * self.manifest.vae_scaling_factor
-        return self.encode_images(images)
-
-    def _denoise_pass(self, resolved, sigmas, noise, init_latent, image_cond, init, conditioning, cfg_scale,
-                      noise_sampler, image_rng, seeds, on_step, sampler_options, refine=None):
-        """One sampling run: initial latent, denoiser with its inpainting hooks and refiner switch, sampler."""
-        m = self.manifest
-        keep = None
-        if init_latent is None:
-            x = noise * np.float32(_initial_scale(resolved.sampler, sigmas[0]))
+    def _refiner(self, refiner):
+        """The refiner Pipeline (loaded once per folder; no session yet), or None; checked before any pass."""
+        if refiner is None or isinstance(refiner, Pipeline):
+            found = refiner
         else:
-            start = init_latent
-            if init.mask is not None:
-                keep = 1.0 - init.latent_mask(noise.shape[2:])
-                start = init.masked_content(init_latent, keep, noise)
-            x = start + noise * np.float32(sigmas[0])
-        unet = _with_image_cond(self._component("unet"), image_cond)
-        cfg_scale = cfg_scale * SAMPLER_INFO[resolved.sampler].cfg_multiplier
-        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type, cfg_scale=cfg_scale,
-                               cond_at=conditioning.at)
-        if refine is not None:
-            refiner, refiner_conditioning, at = refine
-            # the refiner's prompt schedule goes on counting calls where the base model's stopped
-            second = cfg_denoiser(refiner._component("unet"), refiner.model_sigmas, refiner.manifest.prediction_type,
-                                  cfg_scale=cfg_scale, cond_at=lambda i: refiner_conditioning.at(i + at))
-            denoise = _switching(denoise, second, at)
-        if keep is not None:
-            denoise = _blend_known(denoise, init_latent, keep)
-        step_noise = noise_sampler or _noise_sampler(resolved, x, sigmas, seeds, image_rng)
-        x = SAMPLERS[resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
-                                       **{**resolved.options, **sampler_options})
-        return x if keep is None else init_latent * keep + x * (1.0 - keep)
-
-    def _refiner_plan(self, refiner, switch_at, prompt, negative, steps, clip_skip, emphasis, cfg_scale, size,
-                      added, sampled_steps):
-        """A1111's refiner switch: (refiner Pipeline, its conditioning, the denoiser call it takes over at),
-        or None without a refiner. A1111 switches at the first call i with i / steps >= switch_at; steps and
-        sampled_steps count model calls (`SamplerInfo.total_steps`)."""
-        if refiner is None:
-            return None
-        if not 0 < switch_at < 1:
-            raise ValueError(f"refiner_switch_at {switch_at!r}: choose a fraction between 0 and 1")
-        if not isinstance(refiner, Pipeline):
             key = str(Path(refiner).resolve())
             if key not in self._refiners:
                 # the refiner reads the same LoRA and embedding folders as the base model
                 self._refiners[key] = Pipeline(refiner, load_manifest(refiner), self.plan, lowmem=self.lowmem,
                                                lora_dir=self.lora_dir, embeddings_dir=_existing(self.embeddings.folder))
-            refiner = self._refiners[key]
-        r, m = refiner.manifest, self.manifest
-        if (r.latent_channels, r.vae_scale_factor) != (m.latent_channels, m.vae_scale_factor):
-            raise ValueError(f"refiner {r.name} ({r.family}) has another latent space than {m.name} ({m.family}): "
-                             f"{r.latent_channels} channels / factor {r.vae_scale_factor} vs "
-                             f"{m.latent_channels} / {m.vae_scale_factor}")
-        conditioning, _ = refiner.encode_prompts(prompt, negative, steps, clip_skip, emphasis, guidance=cfg_scale != 1.0)
-        conditioning = refiner.with_time_ids(conditioning, *size, **added)
-        refiner._release(*(t.component for t in r.text_encoders))
-        at = next(i for i in range(sampled_steps + 1) if i / sampled_steps >= switch_at)
+            found = self._refiners[key]
+        if found is not None:
+            r, m = found.manifest, self.manifest
+            if (r.latent_channels, r.vae_scale_factor) != (m.latent_channels, m.vae_scale_factor):
+                raise ValueError(f"refiner {r.name} ({r.family}) has another latent space than {m.name} ({m.family}): "
+                                 f"{r.latent_channels} channels / factor {r.vae_scale_factor} vs "
+                                 f"{m.latent_channels} / {m.vae_scale_factor}")
+        return found
+
+    def _refine(self, refiner, request, plan, text, calls):
+        """A1111's refiner switch: (refiner Pipeline, its conditioning, the denoiser call it takes over at),
+        or None without a refiner. A1111 switches at the first call i with i / steps >= switch_at, counting
+        model calls (`SamplerInfo.total_steps`)."""
+        if refiner is None:
+            return None
+        p, s = request.prompt, request.sampling
+        conditioning, _ = refiner.encode_prompts(text, p.negative_prompt, calls, p.clip_skip, p.emphasis,
+                                                 guidance=s.cfg_scale != 1.0)
+        conditioning = refiner.with_time_ids(conditioning, plan.width, plan.height, **_added(request.sdxl))
+        refiner._release(*(t.component for t in refiner.manifest.text_encoders))
+        sampled = SAMPLER_INFO[plan.sampler.sampler].total_steps(len(plan.sigmas) - 1)
+        at = next(i for i in range(sampled + 1) if i / sampled >= request.refiner.refiner_switch_at)
         return refiner, conditioning, at
 
-    def _hires_conditioning(self, hr, hr_resolved, hires_prompt, hires_negative, prompt, negative, first_calls,
-                            clip_skip, emphasis, cfg_scale):
-        """The hires pass's own conditioning, as A1111 makes it even without a hires prompt: its prompt
-        editing goes on from where the first pass's `first_calls` model calls ended."""
-        if hr is None:
-            return None
-        text, _ = extract_networks(hires_prompt or prompt)
-        return self.encode_prompts(text, hires_negative or negative, SAMPLER_INFO[hr_resolved.sampler].total_steps(hr.steps),
-                                   clip_skip, emphasis, guidance=cfg_scale != 1.0, first_pass_steps=first_calls)[0]
 
-    def _hires_pass(self, hr, x, resolved, hires_sampler, hires_scheduler, sigma_overrides, conditioning,
-                    cfg_scale, seeds, rng_args, on_step, sampler_options, tiled_vae):
-        """A1111's hires fix second pass: upscale the first pass, then img2img at the target size."""
-        m = self.manifest
-        shape = (m.latent_channels, hr.height // m.vae_scale_factor, hr.width // m.vae_scale_factor)
-        if hr.upscaler.startswith("Latent"):
-            start = upscale_latents(x, shape[1:], hr.upscaler)
-        else:
-            images = [im.resize((hr.width, hr.height), IMAGE_UPSCALERS[hr.upscaler]) for im in self.decode(x, tiled=tiled_vae)]
-            start = self._encode(np.concatenate([to_array(im) for im in images]), tiled_vae)
-        hr_resolved = resolve(hires_sampler or resolved.sampler, hires_scheduler or resolved.schedule)
-        options = sampler_options if hr_resolved.sampler == resolved.sampler else {}
-        sigmas = _img2img_sigmas(build_sigmas(hr_resolved, hr.steps, self.model_sigmas, sdxl=m.is_sdxl,
-                                              **sigma_overrides), hr.denoising)
-        noise = ImageRNG(shape, seeds, **rng_args).first()
-        unet = self._component("unet")
-        denoise = cfg_denoiser(unet, self.model_sigmas, m.prediction_type,
-                               cfg_scale=cfg_scale * SAMPLER_INFO[hr_resolved.sampler].cfg_multiplier,
-                               cond_at=conditioning.at)
-        x = start + noise * np.float32(sigmas[0])
-        step_noise = _noise_sampler(hr_resolved, x, sigmas, seeds, ImageRNG(shape, seeds, **rng_args))
-        return SAMPLERS[hr_resolved.sampler](denoise, x, sigmas, noise_sampler=step_noise, callback=on_step,
-                                             **{**hr_resolved.options, **options})
+# Pipeline.generate's keywords, for help() and for callers that inspect them (the HTTP door)
+Pipeline.generate.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     # prompt: the text, or a whole GenerationRequest
+     *[inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+       for name, default in (("prompt", ""), ("negative_prompt", None))],
+     *[inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+       for name, default in GenerationRequest.keywords().items() if name not in ("prompt", "negative_prompt")],
+     *[inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+       for name in ("latents", "callback", "noise_sampler", "preview")]])
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The extra networks of one generate call, passed to the stages as an argument."""
+
+    loras: object = None  # adapters.lora.Applied or None
+    hypernets: tuple = ()  # hypernetwork files chained in the UNet, in tag order
+    multipliers: object = None  # float32 [len(hypernets)]
+
+    @property
+    def hashes(self):
+        """The `Lora hashes` infotext value, or None."""
+        return self.loras.hashes if self.loras is not None else None
+
+    def lora_key(self, component):
+        return self.loras.keys.get(component) if self.loras is not None else None
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """What a generate call passes besides its request."""
+
+    latents: object
+    callback: object
+    noise_sampler: object
+    preview: object
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every batch of a generate call shares."""
+
+    conditioning: object
+    hr_conditioning: object
+    networks: object  # adapters.lora.Applied or None
+    refine: object  # (refiner Pipeline, conditioning, switch call) or None
+    init_latent: object  # [1, C, h, w] or None
+    image_cond: object  # inpainting models: [1, C+1, h, w] or None
+    facts: dict  # infotext values the model side knows
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One sampling run: the first pass, the hires pass (the refiner rides on the first)."""
+
+    sampler: object  # samplers.Resolved
+    sigmas: object
+    conditioning: object
+    options: dict  # sampler options given by the user
+    start: object = None  # img2img: the latent noised to sigmas[0]; None: txt2img from pure noise
+    image_cond: object = None
+    init: object = None  # img2img.InitPlan: masks and masked content
+    refine: object = None
+
+
+def _request(prompt, negative_prompt, settings):
+    """generate's arguments -> GenerationRequest: a request (keywords beside it replace its values), or the
+    keywords themselves."""
+    if isinstance(prompt, GenerationRequest):
+        if negative_prompt is not None:
+            settings = {"negative_prompt": negative_prompt, **settings}
+        return prompt.replace(**settings) if settings else prompt
+    return GenerationRequest.from_kwargs(prompt=prompt, negative_prompt=negative_prompt or "", **settings)
+
+
+def _check_latents(latents, plan, prompt_part):
+    if latents is None:
+        return None
+    latents = np.asarray(latents, np.float32)
+    if prompt_part.batch_count > 1:
+        raise ValueError(f"latents give the noise of one batch; with batch_count {prompt_part.batch_count} every "
+                         f"batch would repeat it while the infotext reports other seeds: use batch_count=1")
+    expected = (prompt_part.batch_size, *plan.shape)
+    if latents.shape != expected:
+        raise ValueError(f"latents have shape {latents.shape}; expected {expected} "
+                         f"for batch size {prompt_part.batch_size} at {plan.width}x{plan.height}")
+    return latents
+
+
+def _initial_latent(p, noise, keep):
+    """txt2img: noise at the first sigma; img2img: the start latent (masked content applied) plus noise."""
+    if p.start is None:
+        return noise * np.float32(_initial_scale(p.sampler.sampler, p.sigmas[0]))
+    start = p.init.masked_content(p.start, keep, noise) if keep is not None else p.start
+    return start + noise * np.float32(p.sigmas[0])
+
+
+def _rng_args(seeds_part, subseeds):
+    return dict(source=seeds_part.rng, subseeds=subseeds, subseed_strength=seeds_part.subseed_strength,
+                seed_resize_from_h=seeds_part.seed_resize_from_h, seed_resize_from_w=seeds_part.seed_resize_from_w,
+                eta_noise_seed_delta=seeds_part.ensd)
+
+
+def _added(sdxl):
+    return dict(crop=sdxl.crop_top_left, aesthetic_score=sdxl.aesthetic_score,
+                negative_aesthetic_score=sdxl.negative_aesthetic_score)
+
+
+def _refiner_name(refiner):
+    if refiner is None:
+        return None
+    r = refiner.manifest
+    return f"{r.name} [{r.model_hash}]" if r.model_hash else r.name
 
 
 def _vae_decode(decoder, latents, tiles):
@@ -575,13 +614,6 @@ def _switching(first, second, at):
     return call
 
 
-def _refiner_params(refine, switch_at):
-    if refine is None:
-        return {}
-    r = refine[0].manifest
-    return {"Refiner": f"{r.name} [{r.model_hash}]" if r.model_hash else r.name, "Refiner switch at": switch_at}
-
-
 def _blend_known(denoise, init_latent, keep):
     """Inpainting with any model: the known region's x0 is the init latent at every step (A1111)."""
     def call(x, sigma):
@@ -599,34 +631,6 @@ def _use_tiles(tiled, size_hw):
     from .tiled_vae import needs_tiling
 
     return tiled if tiled is not None else needs_tiling(*size_hw)
-
-
-def _seed_params(seed, index, subseeds):
-    """A1111 writes each image's own seed, and its variation seed when one is in use."""
-    params = {"Seed": seed}
-    if subseeds:
-        params["Variation seed"] = subseeds[index]
-    return params
-
-
-def _check_sampler_options(sampler, options):
-    import inspect
-
-    params = inspect.signature(SAMPLERS[sampler]).parameters.values()
-    accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("noise_sampler", "callback")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"sampler {sampler!r} takes no option {', '.join(unknown)}; "
-                         f"its options: {', '.join(accepted) or 'none'}")
-
-
-def _option_params(resolved, options):
-    """Sampler options that differ from A1111's defaults, under A1111's infotext names."""
-    names = {"eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
-             "s_noise": "Sigma noise"}
-    defaults = resolved.options
-    return {names.get(k, k.replace("_", " ").capitalize()): v for k, v in options.items()
-            if defaults.get(k, object()) != v}
 
 
 def _initial_scale(sampler, sigma_max):
@@ -657,17 +661,3 @@ def _step_reporter(callback, offset, total, preview=None):
 
     report.last_denoised = None
     return report
-
-
-def _positive_int(name, value):
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
-    return int(value)
-
-
-def _check_size(width, height, factor):
-    for name, value in (("width", width), ("height", height)):
-        if int(value) != value or value < factor or value % factor:
-            raise ValueError(f"{name} {value} is not a positive multiple of {factor}; "
-                             f"use a size like {max(factor, int(value) // factor * factor)}")
-    return int(width), int(height)

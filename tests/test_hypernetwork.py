@@ -254,21 +254,27 @@ def test_with_lora_textual_inversion_and_tiling_matches_reference(setup, tmp_pat
 
 # ------------------------------------------------------------------------------------- sessions and strengths
 
+def _unet_session(pipe, prompt=PROMPT):
+    """The UNet session a generate call with this prompt runs on (the tags' networks, passed as an argument)."""
+    _, tags = extract_networks(prompt)
+    return pipe._component("unet", networks=pipe.load_networks(hypernets=hypernet_requests(tags))).session
+
+
 def test_strength_zero_is_the_base_image_and_strengths_share_one_session(setup):
     _, pipe, _, _ = setup
     latents = noise(3)
     base = images(generate(pipe, PROMPT, latents))
-    base_session = pipe._component("unet").session
+    base_session = _unet_session(pipe)
     full = images(generate(pipe, f"{PROMPT} <hypernet:relu_norm:1>", latents))
-    session = pipe._component("unet").session
+    session = _unet_session(pipe, f"{PROMPT} <hypernet:relu_norm:1>")
     zero = images(generate(pipe, f"{PROMPT} <hypernet:relu_norm:0>", latents))
     half = images(generate(pipe, f"{PROMPT} <hypernet:relu_norm:0.5>", latents))
-    assert pipe._component("unet").session is session, "a strength change rebuilt the UNet session"
+    assert _unet_session(pipe, f"{PROMPT} <hypernet:relu_norm:0.5>") is session, "a strength change rebuilt the UNet session"
     assert session is not base_session
     assert np.array_equal(zero, base)
     assert np.abs(full - base).mean() > 2 and 0 < np.abs(half - base).mean() < np.abs(full - base).mean()
     again = images(generate(pipe, PROMPT, latents))
-    assert np.array_equal(again, base) and pipe._component("unet").session is base_session
+    assert np.array_equal(again, base) and _unet_session(pipe) is base_session
 
 
 def test_hires_fix_runs_every_unet_call_through_the_hypernetwork(setup, monkeypatch):

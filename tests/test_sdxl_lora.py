@@ -17,6 +17,7 @@ from test_sdxl import CFG, EULER  # noqa: E402
 from torch_reference import diffusers_images  # noqa: E402
 
 from sdonnx import Pipeline  # noqa: E402
+from sdonnx.adapters.lora import LoraRequest  # noqa: E402
 
 COMPONENTS = {"unet": UNET_TARGETS, "text_encoder": TE_TARGETS, "text_encoder_2": TE_TARGETS}
 KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -68,7 +69,8 @@ def test_sdxl_lora_matches_diffusers(setup, name):
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     args = dict(steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="Karras", seed=1, latents=latents)
     ours = pipe.generate(f"{PROMPT} <lora:{name}:0.8>", NEGATIVE, **args)
-    assert {"text_encoder", "text_encoder_2", "unet"} <= set(pipe._lora_keys)  # every key matched a layer
+    applied = pipe.load_networks([LoraRequest(name, 0.8, 0.8)])
+    assert {"text_encoder", "text_encoder_2", "unet"} <= set(applied.loras.keys)  # every key matched a layer
     base = pipe.generate(PROMPT, NEGATIVE, **args)
     assert np.abs(_images(ours) - _images(base)).mean() > 2, "the LoRA hardly changes the image"
     ref_pipe = copy.deepcopy(torch_pipe)

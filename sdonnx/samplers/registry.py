@@ -102,6 +102,15 @@ def _split_legacy(name, samplers, schedules):
     return None
 
 
+def split_legacy_name(name):
+    """A1111's infotext reading: 'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'); None for a plain sampler
+    name or an unknown one."""
+    samplers, schedules = _lookup_tables()
+    if _key(name) in samplers:
+        return None
+    return _split_legacy(name, samplers, schedules)
+
+
 def _unknown(kind, name, choices):
     return ValueError(f"unknown {kind} {name!r}; valid choices: {', '.join(choices)}")
 
