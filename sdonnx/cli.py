@@ -219,6 +219,8 @@ def main(verbose):
 @click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
                                               "OpenVINO finds one, else CPU].")
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
+@click.option("--hypernetwork-dir", type=click.Path(file_okay=False),
+              help="Folder of <hypernet:name:w> .pt files [default: models/hypernetworks].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--lowmem/--no-lowmem", default=None,
               help="Create each stage's session when needed and free it after (A1111's --medvram idea): peak "
@@ -227,7 +229,7 @@ def main(verbose):
                    "where it would re-create the UNet and VAE sessions per batch.")
 @_request_options
 def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
-             lora_dir, outdir, lowmem, **fields):
+             lora_dir, hypernetwork_dir, outdir, lowmem, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
     Every setting of the generation request is an option below."""
@@ -239,7 +241,7 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         if lowmem is None:
             lowmem = request.prompt.batch_count == 1
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
-                             embeddings_dir=embeddings_dir, device=device)
+                             embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir)
         with _Progress("sampling") as progress:
             result = pipe.generate(request, callback=progress.update)
         for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):

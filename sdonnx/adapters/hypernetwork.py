@@ -223,12 +223,13 @@ class HypernetworkLibrary:
         self._cache = {}  # path -> ((mtime, size), Hypernetwork)
 
     def paths(self):
-        """{name: path}, first path in case-insensitive order where two files share a stem."""
+        """{name: path} in case-insensitive path order; where two files share a stem, the later path (A1111
+        fills a dict in that order)."""
         found = {}
         if self.folder.is_dir():
             for path in sorted(self.folder.rglob(f"*{EXTENSION}"), key=lambda p: str(p).lower()):
                 if path.is_file() and path.stem != "None":
-                    found.setdefault(path.stem, path)
+                    found[path.stem] = path
         return found
 
     def names(self):

@@ -54,8 +54,8 @@ function fillSelect(select, items, value, label) {
 
 async function loadLists() {
   const paths = ["/samplers", "/schedulers", "/sd-models", "/options", "/loras", "/embeddings", "/prompt-styles",
-                 "/latent-upscale-modes", "/upscalers"];
-  const [samplers, schedulers, models, options, loras, embeddings, styles, latentModes, upscalers] =
+                 "/latent-upscale-modes", "/upscalers", "/hypernetworks"];
+  const [samplers, schedulers, models, options, loras, embeddings, styles, latentModes, upscalers, hypernets] =
     await Promise.all(paths.map((p) => api(p)));
   fillSelect($("sampler_name"), samplers, (s) => s.name);
   $("sampler_name").value = "Euler a";
@@ -66,6 +66,7 @@ async function loadLists() {
   $("hr_upscaler").value = "Latent";
   showModels(models, options);
   fillSelect($("lora"), loras, (l) => l.name, (l) => l.alias || l.name);
+  fillSelect($("hypernet"), hypernets, (h) => h.name);
   fillSelect($("embedding"), Object.keys(embeddings.loaded), (name) => name);
   fillSelect($("styles"), styles, (s) => s.name);
   $("clip_skip").value = options.CLIP_stop_at_last_layers || 1;
@@ -414,6 +415,7 @@ function wire() {
   $("skip").onclick = () => api("/skip", {});
   $("random_seed").onclick = () => { $("seed").value = -1; };
   $("add_lora").onclick = () => $("lora").value && appendToPrompt(`<lora:${$("lora").value}:1>`);
+  $("add_hypernet").onclick = () => $("hypernet").value && appendToPrompt(`<hypernet:${$("hypernet").value}:1>`);
   $("add_embedding").onclick = () => $("embedding").value && appendToPrompt($("embedding").value);
   $("model").onchange = async () => {
     try {
