@@ -303,8 +303,8 @@ class Pipeline:
         conditioning = self.with_time_ids(conditioning, plan.width, plan.height, **added)
         if plan.hires is not None:  # A1111 conditions the second pass on the hires size
             hr_conditioning = self.with_time_ids(hr_conditioning, plan.hires.width, plan.hires.height, **added)
+        self._release(*(t.component for t in self.manifest.text_encoders))  # SDXL: text_encoder_2 too
         refine = self._refine(refiner, request, plan, text, calls)
-        self._release("text_encoder")
         init_latent, image_cond = self._init_latents(plan, request.tiling.tiled_vae)
         self._release("vae_encoder")
         facts = {"Model hash": self.manifest.model_hash, "Model": self.manifest.name,
@@ -327,12 +327,16 @@ class Pipeline:
                 result.interrupted, x = True, on_step.last_denoised
             if x is not None:
                 self._release("unet")
+                if job.refine:
+                    job.refine[0]._release("unet")
                 result.images += self._images(x, request, plan, job)
                 result.seeds += seeds
                 result.infotexts += [request.infotext(plan, n * size + j, params=params) for j in range(size)]
             if result.interrupted:
                 break
         self._release("vae_decoder", "vae_encoder")
+        if job.refine:
+            job.refine[0]._release("vae_decoder")
         self._ran = ran = _ran_on(self._ran)
         result.providers, result.devices = {k: v[0] for k, v in ran.items()}, {k: v[1] for k, v in ran.items()}
         return result
@@ -386,16 +390,20 @@ class Pipeline:
     def _denoiser(self, p, cfg_scale, networks, tiling):
         """CFG denoiser of a pass; with a refiner, the refiner's takes over at its switch call."""
         cfg_scale = cfg_scale * SAMPLER_INFO[p.sampler.sampler].cfg_multiplier
-        unet = _with_image_cond(self._component("unet", networks=networks, tiling=tiling), p.image_cond)
-        denoise = cfg_denoiser(unet, self.model_sigmas, self.manifest.prediction_type, cfg_scale=cfg_scale,
+        # no local name keeps the UNet: after a refiner switch nothing holds it, and lowmem frees it
+        denoise = cfg_denoiser(_with_image_cond(self._component("unet", networks=networks, tiling=tiling), p.image_cond),
+                               self.model_sigmas, self.manifest.prediction_type, cfg_scale=cfg_scale,
                                cond_at=p.conditioning.at)
         if p.refine is None:
             return denoise
         refiner, conditioning, at = p.refine
-        # the refiner's prompt schedule goes on counting calls where the base model's stopped
-        second = cfg_denoiser(refiner._component("unet", tiling=tiling), refiner.model_sigmas,
-                              refiner.manifest.prediction_type, cfg_scale=cfg_scale,
-                              cond_at=lambda i: conditioning.at(i + at))
+
+        def second():  # at the switch, after the base UNet is let go (lowmem: one UNet at a time)
+            self._release("unet")
+            # the refiner's prompt schedule goes on counting calls where the base model's stopped
+            return cfg_denoiser(refiner._component("unet", tiling=tiling), refiner.model_sigmas,
+                                refiner.manifest.prediction_type, cfg_scale=cfg_scale,
+                                cond_at=lambda i: conditioning.at(i + at))
         return _switching(denoise, second, at)
 
     def _images(self, x, request, plan, job):
@@ -599,13 +607,18 @@ def _with_image_cond(unet, image_cond):
     return call
 
 
-def _switching(first, second, at):
-    """Denoiser calls 0 .. at-1 go to `first`, the rest to `second` (the refiner switch)."""
-    calls = {"n": 0}
+def _switching(first, make_second, at):
+    """Denoiser calls 0 .. at-1 go to `first`, the rest to the denoiser make_second() returns (the refiner
+    switch). `first` is dropped before make_second runs, so its UNet can be freed before the next loads."""
+    state = {"n": 0, "active": first}
+    del first
 
     def call(x, sigma):
-        calls["n"] += 1
-        active = first if calls["n"] <= at else second
+        state["n"] += 1
+        if state["n"] == at + 1:
+            state["active"] = None
+            state["active"] = make_second()
+        active = state["active"]
         denoised = active(x, sigma)
         call.last_uncond = active.last_uncond  # what CFG++ samplers read
         return denoised

@@ -83,3 +83,45 @@ def test_refiner_reads_the_base_models_lora_and_embedding_folders(models, tmp_pa
     pipe.generate(PROMPT, steps=2, sampler="Euler", seed=1, refiner=refiner_dir, refiner_switch_at=0.5)
     (refiner,) = pipe._refiners.values()
     assert refiner.lora_dir == tmp_path / "lora" and refiner.embeddings.folder == tmp_path / "emb"
+
+
+def _alive_during_unet_calls(monkeypatch):
+    """Per UNet call, the (family, component) of every session facade still alive (weak references after
+    a garbage collection: freed means no reference left anywhere, not only gone from a cache)."""
+    import gc
+    import weakref
+
+    from sdonnx.runtime import components
+
+    made, seen = [], []
+    init, run = components._Component.__init__, components.UNet.__call__
+
+    def spy_init(self, folder, manifest, name, *args, **kwargs):
+        init(self, folder, manifest, name, *args, **kwargs)
+        made.append((manifest.family, name, weakref.ref(self)))
+
+    def spy_call(self, *args, **kwargs):
+        gc.collect()
+        seen.append(sorted((family, name) for family, name, ref in made if ref() is not None))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(components._Component, "__init__", spy_init)
+    monkeypatch.setattr(components.UNet, "__call__", spy_call)
+    return made, seen
+
+
+def test_lowmem_keeps_one_model_at_a_time_with_sdxl_and_its_refiner(models, monkeypatch):
+    """lowmem: while a UNet runs, no text encoder (SDXL's text_encoder_2 included) and no other UNet is
+    alive; the refiner's UNet loads at the switch after the base UNet is let go; the refiner's UNet and
+    VAE are let go when the job ends."""
+    import gc
+
+    _, base_dir, _, refiner_dir = models
+    made, seen = _alive_during_unet_calls(monkeypatch)
+    pipe = Pipeline.load(base_dir, provider="cpu", lowmem=True)
+    pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", seed=1, refiner=refiner_dir,
+                  refiner_switch_at=SWITCH_AT)
+    assert seen == [[("sdxl", "unet")]] * 8 + [[("sdxl_refiner", "unet")]] * 2, seen
+    gc.collect()
+    assert [(family, name) for family, name, ref in made if ref() is not None] == []
+    assert {(family, name) for family, name, _ in made} >= {("sdxl", "text_encoder_2"), ("sdxl_refiner", "vae_decoder")}
