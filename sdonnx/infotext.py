@@ -189,35 +189,10 @@ def _split_prompts(lines: list[str]) -> tuple[str, str]:
     return prompt, negative
 
 
-# infotext key -> (generate keyword, type): what reading an image's parameters back gives
-_GENERATE_ARGS = {
-    "Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
-    "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Clip skip": ("clip_skip", int),
-    "ENSD": ("ensd", int), "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
-    "Schedule max sigma": ("sigma_max", float), "Schedule min sigma": ("sigma_min", float),
-    "Schedule rho": ("rho", float), "Eta": ("eta", float), "Sigma churn": ("s_churn", float),
-    "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float), "Sigma noise": ("s_noise", float),
-    "Denoising strength": ("strength", float),
-}
-
-
 def generation_args(text: str) -> dict:
-    """Keyword arguments for `Pipeline.generate` that reproduce the image whose infotext this is.
+    """Keyword arguments for `Pipeline.generate` that reproduce the image whose infotext this is: the
+    settings `GenerationRequest.from_infotext` reads that differ from generate's defaults (A1111's defaults
+    where a key is absent; legacy combined sampler names split)."""
+    from .request import GenerationRequest  # the request owns the infotext keys; it imports this module
 
-    A1111's defaults apply where a key is absent: the GPU random source (sdonnx's "nv"), clip skip 1,
-    the sampler's automatic schedule. The legacy combined sampler names ("DPM++ 2M Karras") are left to
-    `resolve`, which splits them.
-    """
-    params = parse_infotext(text)
-    args = {name: kind(params[key]) for key, (name, kind) in _GENERATE_ARGS.items() if key in params}
-    if "Sampler" in params:
-        args["sampler"] = params["Sampler"]
-    if "Schedule type" in params:
-        args["scheduler"] = params["Schedule type"]
-    if "Size-1" in params:
-        args["width"], args["height"] = int(params["Size-1"]), int(params["Size-2"])
-    if "Seed resize from-1" in params:
-        args["seed_resize_from_w"], args["seed_resize_from_h"] = (int(params["Seed resize from-1"]),
-                                                                  int(params["Seed resize from-2"]))
-    args["rng"] = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(params.get("RNG", "GPU"), params.get("RNG"))
-    return args
+    return GenerationRequest.from_infotext(text).to_kwargs(changed_only=True)

@@ -320,7 +320,7 @@ class Pipeline:
         total = (len(plan.sigmas) - 1 + (plan.hires.steps_run if plan.hires else 0)) * count
         for n in range(count):
             seeds, subseeds = plan.batch_seeds(n, size)
-            on_step = _step_reporter(hooks.callback, n * total // count, total, hooks.preview)
+            on_step = _StepReporter(hooks.callback, n * total // count, total, hooks.preview)
             try:
                 x = self._sample_batch(request, plan, job, hooks, seeds, subseeds, on_step)
             except Interrupted:
@@ -381,7 +381,7 @@ class Pipeline:
         x = _initial_latent(p, noise, keep)
         denoise = self._denoiser(p, request.sampling.cfg_scale, networks, tiling)
         if keep is not None:
-            denoise = _blend_known(denoise, p.start, keep)
+            denoise = _BlendKnown(denoise, p.start, keep)
         step_noise = noise_sampler or _noise_sampler(p.sampler, x, p.sigmas, seeds, rng)
         x = SAMPLERS[p.sampler.sampler](denoise, x, p.sigmas, noise_sampler=step_noise, callback=on_step,
                                         **{**p.sampler.options, **p.options})
@@ -404,7 +404,7 @@ class Pipeline:
             return cfg_denoiser(refiner._component("unet", tiling=tiling), refiner.model_sigmas,
                                 refiner.manifest.prediction_type, cfg_scale=cfg_scale,
                                 cond_at=lambda i: conditioning.at(i + at))
-        return _switching(denoise, second, at)
+        return _Switching(denoise, second, at)
 
     def _images(self, x, request, plan, job):
         """Decode a batch (with the refiner's VAE when it finished the job) and paste inpainting results."""
@@ -607,36 +607,38 @@ def _with_image_cond(unet, image_cond):
     return call
 
 
-def _switching(first, make_second, at):
+class _Switching:
     """Denoiser calls 0 .. at-1 go to `first`, the rest to the denoiser make_second() returns (the refiner
-    switch). `first` is dropped before make_second runs, so its UNet can be freed before the next loads."""
-    state = {"n": 0, "active": first}
-    del first
+    switch). `first` is dropped before make_second runs, so its UNet can be freed before the next loads.
+    last_uncond is what CFG++ samplers read, from the denoiser that made the last call."""
 
-    def call(x, sigma):
-        state["n"] += 1
-        if state["n"] == at + 1:
-            state["active"] = None
-            state["active"] = make_second()
-        active = state["active"]
-        denoised = active(x, sigma)
-        call.last_uncond = active.last_uncond  # what CFG++ samplers read
+    def __init__(self, first, make_second, at):
+        self.active, self.make_second, self.at, self.calls, self.last_uncond = first, make_second, at, 0, None
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        if self.calls == self.at + 1:
+            self.active = None
+            self.active = self.make_second()
+        denoised = self.active(x, sigma)
+        self.last_uncond = self.active.last_uncond
         return denoised
 
-    call.last_uncond = None
-    return call
 
-
-def _blend_known(denoise, init_latent, keep):
+class _BlendKnown:
     """Inpainting with any model: the known region's x0 is the init latent at every step (A1111)."""
-    def call(x, sigma):
-        denoised = denoise(x, sigma)
-        uncond = getattr(denoise, "last_uncond", None)
-        call.last_uncond = None if uncond is None else init_latent * keep + uncond * (1.0 - keep)
-        return init_latent * keep + denoised * (1.0 - keep)
 
-    call.last_uncond = None
-    return call
+    def __init__(self, denoise, init_latent, keep):
+        self.denoise, self.init_latent, self.keep, self.last_uncond = denoise, init_latent, keep, None
+
+    def __call__(self, x, sigma):
+        denoised = self.denoise(x, sigma)
+        uncond = getattr(self.denoise, "last_uncond", None)
+        self.last_uncond = None if uncond is None else self._blend(uncond)
+        return self._blend(denoised)
+
+    def _blend(self, x0):
+        return self.init_latent * self.keep + x0 * (1.0 - self.keep)
 
 
 def _use_tiles(tiled, size_hw):
@@ -658,19 +660,19 @@ def _noise_sampler(resolved, x, sigmas, seeds, image_rng):
     return lambda sigma, sigma_next: image_rng.next()
 
 
-def _step_reporter(callback, offset, total, preview=None):
-    if callback is None and preview is None:
-        return None
-    state = {"done": offset}
+class _StepReporter:
+    """The sampler callback: counts steps over the whole job for callback(done, total), hands each step's
+    x0 estimate to preview, and keeps the last one (an interrupted batch is decoded from it)."""
 
-    def report(info=None, *args, **kwargs):
-        state["done"] += 1
+    def __init__(self, callback, offset, total, preview=None):
+        self.callback, self.done, self.total, self.preview = callback, offset, total, preview
+        self.last_denoised = None
+
+    def __call__(self, info=None, *args, **kwargs):
+        self.done += 1
         if isinstance(info, dict) and info.get("denoised") is not None:
-            report.last_denoised = info["denoised"]
-            if preview is not None:
-                preview(report.last_denoised)
-        if callback is not None:
-            callback(state["done"], total)
-
-    report.last_denoised = None
-    return report
+            self.last_denoised = info["denoised"]
+            if self.preview is not None:
+                self.preview(self.last_denoised)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
