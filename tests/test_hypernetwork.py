@@ -447,3 +447,21 @@ def test_float16_graph_runs_the_modules_in_float32(tmp_path):
     np.testing.assert_allclose(v.astype(np.float32), want[1], rtol=2e-2, atol=2e-2)
     # one module per (input, hypernetwork, k/v): 2 projections + 2 x 2 modules x 2 Linear layers
     assert sum(n.op_type == "MatMul" for n in rewritten.graph.node) == 2 + 8
+
+
+def test_inserted_ops_are_ones_openvino_runs(tmp_path):
+    """Every op the rewrite inserts, for every activation and layer norm, is in the OpenVINO provider's table
+    for CPU and GPU (tests/data/openvino-ops.tsv): nothing falls back to the CPU provider there."""
+    from test_openvino import openvino_ops
+
+    ops, used = openvino_ops(), set()
+    for activation in ACTIVATIONS:
+        save_a1111(tmp_path / "h.pt", make_layers((16,), seed=1, activation=activation, layer_norm=True),
+                   activation_func=activation, is_layer_norm=True)
+        model, names, _ = projection_graph(16, 8)
+        rewritten = hypernetwork_graph.insert_hypernetworks(
+            model, hypernetwork_graph.find_targets(model.graph, names), [load_hypernetwork(tmp_path / "h.pt")])
+        used |= {n.op_type for n in rewritten.graph.node if n.name.startswith("sdonnx_hypernet/")}
+    assert {"LayerNormalization", "PRelu", "Erf", "HardSigmoid"} <= used
+    for device in ("CPU", "GPU"):
+        assert sorted(op for op in used if not ops.get(op, set()) & {device, "All"}) == [], device

@@ -137,8 +137,7 @@ class _Builder:
 
 def _activation(b, kind, params, x, name):
     """torch.nn activations (eval mode, default arguments) as opset-17 nodes."""
-    simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "softsign": "Softsign",
-              "swish": "HardSwish", "hardswish": "HardSwish"}
+    simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "softsign": "Softsign"}
     if kind in simple:
         return b.op(simple[kind], [x])
     if kind in ("leakyrelu", "rrelu"):
@@ -152,6 +151,8 @@ def _activation(b, kind, params, x, name):
         return b.op("Clip", [x, b.const(low), b.const(high)])
     if kind == "hardsigmoid":
         return b.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+    if kind in ("swish", "hardswish"):  # x * hardsigmoid(x), HardSwish's definition: OpenVINO's EP lacks that op
+        return b.op("Mul", [x, b.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
     if kind in ("hardshrink", "softshrink"):
         return b.op("Shrink", [x], lambd=0.5, bias=0.0 if kind == "hardshrink" else 0.5)
     if kind == "silu":
