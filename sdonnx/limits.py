@@ -7,6 +7,9 @@ TORCH_FILE_MAX_EXPANSION = 4
 # ...but a small file may always unpack to this many bytes (tiny embeddings, hand-made test files)
 TORCH_FILE_MIN_BUDGET = 1 << 20
 
+# bytes of a model folder's sdonnx.json (an SDXL manifest with its weight-name maps is about 1 MB)
+MAX_MANIFEST_BYTES = 64 << 20
+
 # pixels of an image decoded from a file or a request (init image, mask, PNG info): 8192x8192, 256 MiB as RGBA
 MAX_IMAGE_PIXELS = 8192 * 8192
 

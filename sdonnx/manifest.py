@@ -3,8 +3,13 @@
 Written by the converter (last, so a folder without it is not a model) and read here without torch.
 """
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from .diffusion.sigmas import BETA_SCHEDULES
+from .limits import MAX_MANIFEST_BYTES
 
 MANIFEST_NAME = "sdonnx.json"
 FORMAT = "sdonnx"
@@ -16,6 +21,10 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_enco
 
 class ManifestError(ValueError):
     """The folder is not an sdonnx model, or its manifest is unusable."""
+
+
+class ModelFileError(ManifestError):
+    """A file the manifest names (graph, its data, tokenizer, token embeddings) is missing or damaged."""
 
 
 def relative_path(path, folder):
@@ -122,32 +131,166 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ManifestError(f"the manifest must be a JSON object, got {_kind(data)}")
         if data.get("format") != FORMAT:
             raise ManifestError(f"not an sdonnx manifest (format {data.get('format')!r})")
-        if data.get("format_version", 0) > FORMAT_VERSION:
-            raise ManifestError(f"manifest format {data['format_version']} is newer than this sdonnx "
-                                f"understands ({FORMAT_VERSION}); upgrade sdonnx")
+        version = data.get("format_version", 0)
+        if type(version) is not int:
+            raise ManifestError(f"format_version must be a whole number, got {_kind(version)}")
+        if version > FORMAT_VERSION:
+            raise ManifestError(f"manifest format {version} is newer than this sdonnx understands ({FORMAT_VERSION}); "
+                                f"upgrade sdonnx")
         data = dict(data)
-        data["noise_schedule"] = NoiseSchedule(**data.get("noise_schedule", {}))
-        data["text_encoders"] = [TextEncoderInfo(**t) for t in data["text_encoders"]]
-        data["components"] = {k: Component(**v) for k, v in data["components"].items()}
-        manifest = cls(**data)
+        data["noise_schedule"] = _build(NoiseSchedule, data.get("noise_schedule", {}), "noise_schedule")
+        encoders = data.get("text_encoders")
+        if not isinstance(encoders, list):
+            raise ManifestError(f"text_encoders must be a list, got {_kind(encoders)}")
+        data["text_encoders"] = [_build(TextEncoderInfo, t, f"text_encoders[{i}]") for i, t in enumerate(encoders)]
+        components = data.get("components")
+        if not isinstance(components, dict):
+            raise ManifestError(f"components must be an object, got {_kind(components)}")
+        data["components"] = {k: _build(Component, v, f"components.{k}") for k, v in components.items()}
+        manifest = _build(cls, data, "the manifest")
         manifest.validate()
         return manifest
 
     def validate(self):
+        """Every field has its type and a usable value, every file it names lies inside the folder: a
+        hand-edited or hostile manifest is refused here, naming the field, not deep inside a run."""
+        _check_text(self.name, "name")
         if self.family not in FAMILIES:
             raise ManifestError(f"family {self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
         if self.prediction_type not in PREDICTIONS:
             raise ManifestError(f"prediction type {self.prediction_type!r}: expected one of {', '.join(PREDICTIONS)}")
+        for name, top in _COUNTS.items():
+            _check_count(getattr(self, name), name, top)
+        _check_number(self.vae_scaling_factor, "vae_scaling_factor", low=0.0)
+        if self.addition_time_embed_dim is not None:
+            _check_count(self.addition_time_embed_dim, "addition_time_embed_dim", 1 << 16)
+        for name in ("requires_aesthetics_score", "force_zeros_for_empty_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ManifestError(f"{name} must be true or false, got {_kind(getattr(self, name))}")
+        if self.model_hash is not None:
+            _check_text(self.model_hash, "model_hash")
+        _check_schedule(self.noise_schedule)
+        if not self.text_encoders:
+            raise ManifestError("text_encoders is empty: a model needs at least one text encoder")
+        for i, info in enumerate(self.text_encoders):
+            _check_text_encoder(info, f"text_encoders[{i}]")
+        for name, component in self.components.items():
+            _check_component(component, f"components.{name}")
         needed = [t.component for t in self.text_encoders] + ["unet", "vae_decoder"]
         missing = [c for c in needed if c not in self.components]
         if missing:
             raise ManifestError(f"manifest lacks the component(s) {', '.join(missing)}")
 
+    def files(self):
+        """The files this manifest names, relative to the model folder."""
+        named = [p for c in self.components.values() for p in (c.path, c.optimized_path) if p]
+        return named + [p for t in self.text_encoders for p in (t.tokenizer, t.token_embeddings)]
+
+
+# integer fields and their largest sensible value (0 is never one: a scale factor of 0 divides by zero)
+_COUNTS = {"latent_channels": 64, "unet_in_channels": 256, "vae_scale_factor": 64, "sample_size": 1024}
+
+
+def _kind(value):
+    """A JSON value's type in JSON's words, for messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_text(value, name):
+    if not isinstance(value, str):
+        raise ManifestError(f"{name} must be a string, got {_kind(value)}")
+
+
+def _check_count(value, name, top):
+    if type(value) is not int or not 1 <= value <= top:
+        shown = value if type(value) is int else _kind(value)
+        raise ManifestError(f"{name} must be a whole number from 1 to {top}, got {shown}")
+
+
+def _check_number(value, name, low, high=math.inf):
+    """A finite real number with low < value < high."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ManifestError(f"{name} must be a finite number, got {_kind(value) if not isinstance(value, float) else value}")
+    if not low < value < high:
+        raise ManifestError(f"{name} must be above {low}{f' and below {high}' if high < math.inf else ''}, got {value}")
+
+
+def _check_path(value, name):
+    """A relative path inside the model folder ("/"-separated, as the converter writes it)."""
+    _check_text(value, name)
+    parts = re.split(r"[\\/]", value)
+    if not value or PurePosixPath(value).is_absolute() or PureWindowsPath(value).anchor or ".." in parts:
+        raise ManifestError(f"{name} {value!r} is not a path inside the model folder")
+
+
+def _check_schedule(ns):
+    if not isinstance(ns, NoiseSchedule):
+        raise ManifestError("noise_schedule must be an object")
+    _check_number(ns.beta_start, "noise_schedule.beta_start", 0.0, 1.0)
+    _check_number(ns.beta_end, "noise_schedule.beta_end", 0.0, 1.0)
+    if ns.beta_schedule not in BETA_SCHEDULES:
+        raise ManifestError(f"noise_schedule.beta_schedule {ns.beta_schedule!r}: expected one of "
+                            f"{', '.join(BETA_SCHEDULES)}")
+    _check_count(ns.num_train_timesteps, "noise_schedule.num_train_timesteps", 10_000)
+
+
+def _check_text_encoder(info, where):
+    if info.component not in COMPONENTS or not info.component.startswith("text_encoder"):
+        raise ManifestError(f"{where}.component {info.component!r}: expected text_encoder or text_encoder_2")
+    _check_path(info.tokenizer, f"{where}.tokenizer")
+    _check_path(info.token_embeddings, f"{where}.token_embeddings")
+    for name, top in (("hidden_size", 1 << 16), ("num_layers", 1024), ("max_length", 4096)):
+        _check_count(getattr(info, name), f"{where}.{name}", top)
+    for name in ("bos_id", "eos_id", "pad_id"):
+        if type(getattr(info, name)) is not int or getattr(info, name) < 0:
+            raise ManifestError(f"{where}.{name} must be a token id (a whole number from 0)")
+    if info.hidden_layer is not None and type(info.hidden_layer) is not int:
+        raise ManifestError(f"{where}.hidden_layer must be a whole number or null, got {_kind(info.hidden_layer)}")
+    if info.pooled is not None:
+        _check_text(info.pooled, f"{where}.pooled")
+
+
+def _check_component(c, where):
+    _check_path(c.path, f"{where}.path")
+    if c.optimized_path is not None:
+        _check_path(c.optimized_path, f"{where}.optimized_path")
+    for name in ("inputs", "outputs", "input_dtypes", "weights", "optimized"):
+        if not isinstance(getattr(c, name), dict):
+            raise ManifestError(f"{where}.{name} must be an object, got {_kind(getattr(c, name))}")
+    for name, dims in (*c.inputs.items(), *c.outputs.items()):
+        if not isinstance(dims, list) or not all(d is None or isinstance(d, str) for d in dims):
+            raise ManifestError(f"{where}: the dimensions of {name} must be a list of names or nulls")
+    _check_text(c.dtype, f"{where}.dtype")
+    if c.parity_max_abs_err is not None and (isinstance(c.parity_max_abs_err, bool)
+                                             or not isinstance(c.parity_max_abs_err, (int, float))):
+        raise ManifestError(f"{where}.parity_max_abs_err must be a number or null")
+
+
+def _build(cls, data, where):
+    """A dataclass from a JSON object, naming unknown and missing fields."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where} must be an object, got {_kind(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ManifestError(f"{where} has unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError:  # a required field left out
+        required = [f.name for f in fields(cls)
+                    if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+        raise ManifestError(f"{where} lacks the field(s) {', '.join(required)}") from None
+
 
 def load_manifest(folder):
-    """Read and validate folder/sdonnx.json; raises ManifestError naming what is wrong."""
+    """Read and validate folder/sdonnx.json, and check that the files it names are there; raises
+    ManifestError (ModelFileError for a missing file) naming the file and what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ManifestError(f"model folder {str(folder)!r} does not exist")
@@ -155,11 +298,18 @@ def load_manifest(folder):
     if not path.is_file():
         raise ManifestError(f"{str(folder)!r} is not an sdonnx model folder (no {MANIFEST_NAME}); "
                             f"convert a checkpoint first with `sdonnx convert SOURCE -o {folder}`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from None
     try:
-        return Manifest.from_dict(data)
-    except (TypeError, KeyError) as e:
-        raise ManifestError(f"{path} is malformed: {e}") from e
+        manifest = Manifest.from_dict(data)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
+    missing = [name for name in manifest.files() if not (folder / name).is_file()]
+    if missing:
+        raise ModelFileError(f"{folder}: {', '.join(missing)} named by {MANIFEST_NAME} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing; convert the model again")
+    return manifest

@@ -26,10 +26,8 @@ class TextEncoder(_Component):
 
     def __init__(self, folder, manifest, name, plan, info=None, replacements=None):
         super().__init__(folder, manifest, name, plan, replacements)
-        from safetensors.numpy import load_file
-
         self.info = info = info or next(t for t in manifest.text_encoders if t.component == name)
-        self.token_embeddings = load_file(str(Path(folder) / info.token_embeddings))["weight"]
+        self.token_embeddings = _token_embeddings(Path(folder) / info.token_embeddings, info.hidden_size)
 
     def embed(self, input_ids):
         """input_ids: [B, T] -> token embeddings [B, T, D]."""
@@ -54,6 +52,23 @@ class TextEncoder(_Component):
                 raise ValueError(f"clip skip {-layer} is more than the text encoder's {z.shape[0]} layers")
             z = z[layer]
         return (z, out[self.info.pooled]) if pooled else z
+
+
+def _token_embeddings(path, width):
+    """The [vocab, width] token-embedding table; a missing, damaged or misshapen file is a ModelFileError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from ..manifest import ModelFileError
+
+    try:
+        table = load_file(str(path)).get("weight")
+    except (OSError, SafetensorError) as e:
+        raise ModelFileError(f"token embeddings {path} cannot be read ({e}); convert the model again") from None
+    if table is None or table.ndim != 2 or table.shape[1] != width:
+        shape = "no tensor named weight" if table is None else f"shape {list(table.shape)}"
+        raise ModelFileError(f"token embeddings {path} hold {shape}; the manifest expects [vocab, {width}]")
+    return table
 
 
 class UNet(_Component):

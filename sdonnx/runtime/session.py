@@ -4,6 +4,7 @@ import ctypes
 import gc
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -155,6 +156,26 @@ def session_options(plan):
     return options
 
 
+# onnxruntime's exception classes that mean the graph or its data file could not be read; FAIL only with
+# these words (it also stands for provider and memory failures)
+_LOAD_ERRORS = ("InvalidProtobuf", "NoSuchFile", "NoModel", "InvalidGraph")
+_DATA_FAILURES = ("external data", "external initializer", "out of bounds or can not be read", "deserialize tensor")
+
+
+def _damaged_model(path, error):
+    """A ModelFileError naming the graph for onnxruntime's "cannot load this model" errors, else None."""
+    from ..manifest import ModelFileError
+
+    text = str(error)
+    kind = type(error).__name__
+    if kind not in _LOAD_ERRORS and not (kind == "Fail" and any(w in text.lower() for w in _DATA_FAILURES)):
+        return None
+    reason = re.split(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", text)[-1].strip().splitlines()[0]
+    reason = re.sub(r"\S+\.cc:\d+ \S+ ", "", reason)  # onnxruntime's source locations
+    return ModelFileError(f"the graph {path} or its data file is missing or damaged ({reason[:300]}); "
+                          f"convert the model again")
+
+
 class Session:
     """run(feeds) -> {output name: array}, for one ONNX graph of a model folder.
 
@@ -206,7 +227,13 @@ class Session:
         for dim, value in overrides:
             options.add_free_dimension_override_by_name(dim, value)
         providers = without_compiled_cache(self._plan.providers) if self._replacements else self._plan.providers
-        session = start_session(self._source, options, providers, name=self.name, auto=self._plan.auto)
+        try:
+            session = start_session(self._source, options, providers, name=self.name, auto=self._plan.auto)
+        except Exception as error:
+            damaged = _damaged_model(self.path, error)
+            if damaged is None:
+                raise
+            raise damaged from None
         self.ran_on = (session.get_providers()[0], self._plan.device(session.get_providers()[0]))
         log.info("%s: runs on %s (device %s)", self.name, *self.ran_on)
         self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()}

@@ -8,7 +8,12 @@ class ClipTokenizer:
     def __init__(self, path, info):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(path))
+        from ..manifest import ModelFileError
+
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or damaged file
+            raise ModelFileError(f"tokenizer {path} cannot be read ({e}); convert the model again") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         self.bos_id, self.eos_id, self.pad_id = info.bos_id, info.eos_id, info.pad_id
