@@ -4,16 +4,19 @@ The folder is built beside the target under a temporary name and moved into plac
 component has passed its parity check; the manifest is written last, so an interrupted convert never
 leaves anything that loads.
 """
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdonnx.infotext import model_hash
-from sdonnx.manifest import (FAMILIES, MANIFEST_NAME, PREDICTIONS, Component, Manifest, NoiseSchedule,
-                             TextEncoderInfo, relative_path)
+from sdonnx.limits import MAX_MANIFEST_BYTES
+from sdonnx.manifest import (COMPONENTS, FAMILIES, FORMAT, MANIFEST_NAME, PREDICTIONS, Component, Manifest,
+                             NoiseSchedule, TextEncoderInfo, relative_path)
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +78,16 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
     outdir = Path(outdir).absolute()
     if outdir.exists() and not outdir.is_dir():
         raise ConvertError(f"output {str(outdir)!r} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not force:
-        raise ConvertError(f"output folder {str(outdir)!r} is not empty; pass --force to replace it")
+    _check_replaceable(outdir, force)
     report(f"loading {source}")
     loaded = load_source(source, family=family, prediction=prediction)
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-", dir=outdir.parent))
+    _remove_leftovers(outdir, report)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.partial-{os.getpid()}-", dir=outdir.parent))
     try:
         manifest = _build(loaded, staging, tolerance or DEFAULT_TOLERANCE["fp32"], report, plan)
         _publishable(staging)
+        _check_replaceable(outdir, force)  # again: the folder may have changed during a long convert
         _replace_folder(staging, outdir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -183,6 +187,102 @@ def _manifest(loaded, components, text_info, plan):
         converter={"sdonnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                    "transformers": transformers.__version__, "dtype": plan.dtype, "optimize": plan.optimize,
                    "quantize": plan.quantize, "tolerance_rel": None})
+
+
+# what a converted model folder may hold besides the files its manifest names (the converter's own folders,
+# and what file browsers leave behind)
+_MODEL_NAMES = frozenset({MANIFEST_NAME, *COMPONENTS, "tokenizer", "tokenizer_2", ".DS_Store", "Thumbs.db",
+                          "desktop.ini"})
+
+
+def _check_replaceable(outdir, force):
+    """The output may be replaced: it is missing, empty, or (with force) a converted model folder and
+    nothing else. Any other folder is refused whatever the flags: --force once replaced a folder of photos."""
+    if not outdir.is_dir() or not any(outdir.iterdir()):
+        return
+    why = _not_a_model(outdir)
+    if why:
+        raise ConvertError(f"output folder {str(outdir)!r} {why}; convert writes only into an empty folder or "
+                           f"replaces a converted model (--force), never other files: choose another folder")
+    if not force:
+        raise ConvertError(f"output folder {str(outdir)!r} holds a converted model; pass --force to replace it")
+
+
+def _not_a_model(folder):
+    """Why `folder` is not a converted model folder (None when it is one)."""
+    path = folder / MANIFEST_NAME
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError("too large")
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"is not empty and is not an sdonnx model (no readable {MANIFEST_NAME})"
+    named = {str(p).replace("\\", "/").split("/")[0] for p in _manifest_paths(manifest)}
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _MODEL_NAMES | named)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"holds files that are not part of a converted model ({listed})"
+    return None
+
+
+def _manifest_paths(manifest):
+    """The file paths a raw manifest dict names, whatever its shape."""
+    components = manifest.get("components")
+    encoders = manifest.get("text_encoders")
+    entries = [*(components.values() if isinstance(components, dict) else ()),
+               *(encoders if isinstance(encoders, list) else ())]
+    keys = ("path", "optimized_path", "tokenizer", "token_embeddings")
+    return [e[k] for e in entries if isinstance(e, dict) for k in keys if isinstance(e.get(k), str) and e[k]]
+
+
+# staging and moved-aside folders of a convert: .NAME.partial-PID-XXXX and .NAME.old-PID (older versions
+# wrote .NAME.partial-XXXX without the PID)
+def _leftover_pattern(name):
+    return re.compile(rf"\.{re.escape(name)}\.(?:partial-(?:(\d+)-)?[^/]*|old-(\d+))")
+
+
+def _remove_leftovers(outdir, report):
+    """Staging folders of earlier converts of this name that were killed (kill -9, power loss): their
+    process is gone, so nothing else will remove them. A live convert's folder is left alone."""
+    pattern = _leftover_pattern(outdir.name)
+    for path in outdir.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and path.is_dir() and not path.is_symlink():
+            pid = m.group(1) or m.group(2)
+            if pid is None or not _running(int(pid)):
+                report(f"removing {path.name}, left by a convert that did not finish")
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid):
+    """Whether process `pid` exists (this one counts)."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":
+        return _running_windows(pid)
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the existence check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _running_windows(pid):
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _replace_folder(staging, outdir):
