@@ -116,9 +116,11 @@ class MaskPlan:
     crop: tuple | None
 
 
-def prepare_mask(mask, size, *, blur=4, invert=False, only_masked=False, padding=32, target=None):
-    """A1111's mask pipeline: L mode, optional invert, Gaussian blur, and the crop region for
-    'only masked' (the mask's bounding box grown by `padding`, expanded to the target aspect ratio)."""
+def prepare_mask(mask, size, *, blur=4, invert=False, only_masked=False, padding=32, target=None, resize_mode=0):
+    """A1111's mask pipeline: L mode, optional invert, Gaussian blur, then either the crop region for
+    'only masked' (the mask's bounding box grown by `padding`, expanded to the target aspect ratio) or,
+    for the whole picture, the mask resized to the target like the image (resize_mode) with an overlay
+    mask of twice its value (A1111's mask_for_overlay: the generation covers the blur's inner half)."""
     mask = mask.convert("L")
     if mask.size != size:
         raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}; "
@@ -127,7 +129,11 @@ def prepare_mask(mask, size, *, blur=4, invert=False, only_masked=False, padding
         mask = ImageOps.invert(mask)
     blurred = mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
     if not only_masked:
-        return MaskPlan(overlay=blurred, process=blurred, crop=None)
+        target = target or size
+        # A1111 resizes the mask with the image's mode; its "latent upscale" falls to resize-and-fill here
+        process = blurred if blurred.size == target else resize_image(blurred, *target, min(resize_mode, 2)).convert("L")
+        doubled = np.clip(np.asarray(process, np.float32) * 2, 0, 255).astype(np.uint8)
+        return MaskPlan(overlay=Image.fromarray(doubled, "L"), process=process, crop=None)
     box = _crop_region(np.asarray(mask), padding, target or size)
     if box is None:
         raise ValueError("the mask is empty: nothing to inpaint")
@@ -194,7 +200,7 @@ def overlay(generated, original, plan):
 class InitPlan:
     """An img2img/inpaint request's image side, prepared once per generate call."""
 
-    original: Image.Image  # the user's image (output is pasted back over it)
+    original: Image.Image  # what the output is pasted over: the image at the output size, or the user's around a crop
     array: np.ndarray  # [1, 3, H, W] in [-1, 1]: what gets encoded (resized, cropped, filled)
     width: int
     height: int
@@ -218,16 +224,19 @@ class InitPlan:
         plan = None
         if mask is not None:
             plan = prepare_mask(load_image(mask, "mask"), original.size, blur=mask_blur, invert=invert,
-                                only_masked=only_masked, padding=padding, target=(width, height))
+                                only_masked=only_masked, padding=padding, target=(width, height), resize_mode=mode)
         crop = plan is not None and plan.crop
         if mode == 3 and not crop:
             _check_latent_upscale(plan, original.size, (width, height))
             image = original  # A1111 encodes it at its own size; the pipeline resizes the latents
         else:
             image = resize_image(original.crop(plan.crop) if crop else original, width, height, 0 if crop else mode)
+        # the result is pasted over the image at the output size (A1111's overlay), or into the original
+        # around the crop when only the masked area was processed
+        base = image if plan is not None and not crop else original
         if plan is not None and fill == 0:
             image = fill_masked(image, plan.process)
-        return cls(original, to_array(image), width, height, strength, mode, plan, fill, mask_blur, padding)
+        return cls(base, to_array(image), width, height, strength, mode, plan, fill, mask_blur, padding)
 
     def latent_mask(self, size_hw):
         """[1, 1, h, w], 1 = repaint."""

@@ -249,4 +249,40 @@ def test_latent_upscale_with_a_mask_needs_the_output_size(pipe, init_image):
                       width=64, height=64)
     same = pipe.generate("x", steps=2, sampler="Euler", seed=1, init_image=init_image, mask=_square_mask(),
                          resize_mode=3)  # at the output size mode 3 works, and keeps the unmasked area
-    assert np.abs(_px(same.images[0])[:8] - _px(init_image)[:8]).max() <= 1
+    assert np.abs(_px(same.images[0])[:4] - _px(init_image)[:4]).max() <= 1
+
+
+def _a1111_overlay_mask(mask, size, blur=4):
+    """A1111's mask_for_overlay for the whole picture: blurred at the image's size, resized with the image
+    ("just resize": Lanczos), then doubled and clipped."""
+    resized = np.asarray(mask.filter(ImageFilter.GaussianBlur(blur)).resize(size, Image.Resampling.LANCZOS), np.float32)
+    return Image.fromarray(np.clip(resized * 2, 0, 255).astype(np.uint8), "L")
+
+
+def test_inpaint_overlay_is_a1111s_doubled_mask_at_the_output_size():
+    from sdonnx.img2img import InitPlan
+
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(255, (30, 20, 70, 60))
+    init = InitPlan.make(image, mask, 64, 48, resize_mode=0, mask_blur=4, invert=False, only_masked=False,
+                         padding=32, fill=1, strength=0.5, factor=8)
+    generated = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    resized = image.resize((64, 48), Image.Resampling.LANCZOS)
+    expected = Image.composite(generated, resized, _a1111_overlay_mask(mask, (64, 48)))
+    assert np.array_equal(_px(init.finish(generated)), _px(expected))
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_inpaint_at_another_size_than_the_init_image(pipe, init_image, fill):
+    """The mask is resized with the image (A1111); this failed with 'images do not match' / a broadcast error."""
+    big = init_image.resize((80, 80), Image.Resampling.LANCZOS)
+    mask = Image.new("L", (80, 80), 0)
+    mask.paste(255, (30, 30, 60, 60))
+    out = pipe.generate("a cat", steps=3, sampler="Euler", seed=1, init_image=big, mask=mask, inpainting_fill=fill,
+                        width=64, height=64).images[0]
+    resized = _px(big.resize((64, 64), Image.Resampling.LANCZOS))
+    assert out.size == (64, 64)
+    assert np.array_equal(_px(out)[:12], resized[:12])  # far from the mask: the resized init image exactly
+    assert np.abs(_px(out)[28:44, 28:44] - resized[28:44, 28:44]).mean() > 1  # inside: generated
