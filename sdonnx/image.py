@@ -122,6 +122,13 @@ def open_image(source: str | PathLike | bytes | io.IOBase, what: str = "image") 
         return img
 
 
+def image_size(source: str | PathLike | bytes | io.IOBase, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the header alone, with the same formats and pixel limit as open_image (for
+    checks that must run before anything is decoded); ImageError when it would not open."""
+    with _opened(source, what) as img:
+        return img.size
+
+
 @contextmanager
 def _opened(source, what):
     """The image's header read with only IMAGE_FORMATS tried, its size within MAX_IMAGE_PIXELS."""

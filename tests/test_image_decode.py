@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import EpsImagePlugin, Image
 
-from sdonnx.image import ImageError, open_image, read_infotext
+from sdonnx.image import ImageError, image_size, open_image, read_infotext
 from sdonnx.img2img import load_image
 from sdonnx.limits import MAX_IMAGE_PIXELS
 
@@ -57,6 +57,7 @@ def test_the_formats_a_user_sends_are_decoded(tmp_path, fmt, mode):
     for source in (raw, path, str(path), io.BytesIO(raw)):
         image = open_image(source)
         assert (image.format, image.size, image.mode) == (fmt, (12, 10), mode)
+        assert image_size(io.BytesIO(raw) if isinstance(source, io.BytesIO) else source) == (12, 10)
         assert image.getpixel((0, 0)) is not None  # loaded: pixels readable after the file is closed
 
 
@@ -76,8 +77,9 @@ def test_eps_never_reaches_ghostscript(tmp_path, no_ghostscript):
     for source, what in ((path, f"mask {path}"), (EPS, "mask")):
         with pytest.raises(ImageError, match=f"^{what} is not a PNG, JPEG, WebP, BMP or GIF image$"):
             load_image(source, "mask")
-    with pytest.raises(ImageError):
-        read_infotext(path)
+    for peek in (read_infotext, image_size):  # header-only readers refuse it too
+        with pytest.raises(ImageError, match="is not a PNG"):
+            peek(path)
     assert no_ghostscript == []
 
 
@@ -91,6 +93,8 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, recwarn, widt
     path.write_bytes(png_header(width, height))
     with pytest.raises(ImageError, match=f"^init image {path} {message}; at most 67.1 megapixels are decoded$"):
         load_image(path)
+    with pytest.raises(ImageError, match=message):
+        image_size(path)
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
     assert 8192 * 8192 == MAX_IMAGE_PIXELS
 
