@@ -526,6 +526,8 @@ def _make_plan(request, manifest, model_sigmas):
     sampler, sigmas = _sampling(s, s.sampler, s.scheduler, positive_int("steps", s.steps), model_sigmas,
                                 init.strength if init else None, manifest.is_sdxl)
     check_sampler_options(sampler.sampler, s.options())
+    _check_option_ranges(s)
+    _check_counts(request)
     hires, hires_sampler, hires_sigmas = _hires(request, width, height, manifest, model_sigmas)
     seed, subseed = _seeds(request.seeds)
     _check_refiner(request.refiner)
@@ -601,9 +603,7 @@ def _seeds(part):
     if part.rng not in SOURCES:
         raise ValueError(f"unknown RNG source {part.rng!r}; valid: {', '.join(SOURCES)}")
     for name in ("seed", "subseed", "seed_resize_from_w", "seed_resize_from_h", "ensd"):
-        value = getattr(part, name)
-        if isinstance(value, bool) or int(value) != value:
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        _whole(name, getattr(part, name))
     if not 0.0 <= finite("subseed_strength", part.subseed_strength) <= 1.0:
         raise ValueError(f"subseed_strength (variation strength) must be in [0, 1], got {part.subseed_strength}")
     seed = random_seed() if int(part.seed) == -1 else int(part.seed)
@@ -632,15 +632,45 @@ def _tiling(part):
     return tiling_axes(part.tiling)
 
 
+def _whole(name, value, what="a whole number"):
+    try:
+        if not isinstance(value, bool) and int(value) == value:
+            return int(value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def positive_int(name, value):
-    if isinstance(value, bool) or int(value) != value or value < 1:
+    if _whole(name, value, "a positive whole number") < 1:
         raise ValueError(f"{name} must be a positive whole number, got {value!r}")
     return int(value)
 
 
+def _check_option_ranges(s):
+    """A1111's sampler options are non-negative numbers (s_tmax may be infinite)."""
+    for name in s.A1111_OPTIONS:
+        value = getattr(s, name)
+        if value is None:
+            continue
+        value = float(value) if name == "s_tmax" else finite(name, value)
+        if not value >= 0:
+            raise ValueError(f"{name} must be 0 or more, got {getattr(s, name)!r}")
+
+
+def _check_counts(request):
+    """Pixel counts and radii that may be 0 but not negative."""
+    h, i = request.hires, request.init
+    for name, value in (("hires_width", h.hires_width), ("hires_height", h.hires_height),
+                        ("hires_steps", h.hires_steps), ("mask_blur", i.mask_blur),
+                        ("inpaint_full_res_padding", i.inpaint_full_res_padding)):
+        if _whole(name, value) < 0:
+            raise ValueError(f"{name} must be 0 or more, got {value!r}")
+
+
 def check_size(width, height, factor):
     for name, value in (("width", width), ("height", height)):
-        if int(value) != value or value < factor or value % factor:
+        if _whole(name, value) < factor or value % factor:
             raise ValueError(f"{name} {value} is not a positive multiple of {factor}; "
                              f"use a size like {max(factor, int(value) // factor * factor)}")
     return int(width), int(height)
@@ -687,7 +717,10 @@ def random_seed():
 
 
 def finite(name, value):
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value

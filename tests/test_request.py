@@ -83,6 +83,12 @@ def test_validation_names_the_bad_value_before_any_session(model):
         (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
         (dict(sigma_min=2.0, sigma_max=1.0), "sigma_min 2.0 must be below sigma_max"),
         (dict(refiner="somewhere", refiner_switch_at=1.5), "refiner_switch_at 1.5"),
+        (dict(steps="many"), "steps must be a positive whole number, got 'many'"),
+        (dict(seed=1.5), "seed must be a whole number, got 1.5"),
+        (dict(eta=-1.0), "eta must be 0 or more"),
+        (dict(sampler="Euler", s_noise=float("inf")), "s_noise must be a finite number"),
+        (dict(hires=True, hires_width=-8), "hires_width must be 0 or more"),
+        (dict(cfg_scale="high"), "cfg_scale must be a number, got 'high'"),
     ]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
