@@ -10,9 +10,11 @@ init image, hires fix, refiner, SDXL conditions, tiling). It is the single owner
 - the A1111 infotext it produces (`infotext`) and reads back (`from_infotext`, A1111's
   `parse_generation_parameters` semantics).
 
-A new option is a field of its part (default, `help`, infotext key) plus, when its infotext needs
-more than "written when not the default", a line in the part's `params`/`read`. The CLI derives its
-flags from the fields; tests/test_request_fields.py checks every field reaches every door.
+A new option is a field of its part (default, `help`, infotext key) plus its infotext lines in that
+part's `params`/`read` (`simple_params`/`simple_read` by name for "written when not the default").
+`Pipeline.generate` takes it as a keyword and the CLI derives its flag from the field with no edit;
+the HTTP API maps A1111's field name in its own table (sdonnx/server/a1111.py).
+tests/test_request_fields.py walks the fields and fails until the new one reaches every door.
 """
 from __future__ import annotations
 
