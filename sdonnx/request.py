@@ -452,6 +452,17 @@ class GenerationRequest:
             kwargs["strength"] = float(params["Denoising strength"])
         return cls.from_kwargs(**kwargs)
 
+    @classmethod
+    def from_a1111(cls, payload, mode="txt2img", **context):
+        """The request an A1111 API payload (a txt2img/img2img body as a dict) asks for, with A1111's
+        field names and defaults; sdonnx/server/a1111.py holds the field tables (needs the serve extra).
+        context: options (A1111 settings), styles ({name: (prompt, negative)}), find_model(name)."""
+        try:
+            from .server.a1111 import request_from_a1111
+        except ImportError as e:
+            raise ImportError(f"reading A1111 payloads needs the serve extra: pip install 'sdonnx[serve]' ({e})") from e
+        return request_from_a1111(payload, mode, **context)[0]
+
     def infotext_params(self, plan, facts=None):
         """The infotext's {key: value} for every image of the job (Seed and Variation seed are per image).
 

@@ -5,12 +5,16 @@ a non-default sample value goes in through each door, and the request the door b
 
 - python: `Pipeline.generate(**keywords)`;
 - cli: `sdonnx generate --flag value`;
-- infotext: the request's A1111 infotext, read back with `GenerationRequest.from_infotext`.
+- infotext: the request's A1111 infotext, read back with `GenerationRequest.from_infotext`;
+- http: the A1111 API payload `sdonnx serve` takes (the field each keyword comes from is read off
+  sdonnx/server/a1111.py's tables), through the translation the server runs.
 
-A door that cannot carry a field by design says why in UNREACHABLE. Another door (the HTTP API) plugs in
-with one entry in DOORS and its reasons in UNREACHABLE.
+A door that cannot carry a field by design says why in UNREACHABLE. Another door plugs in with one entry in
+DOORS and its reasons in UNREACHABLE.
 """
+import base64
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -90,7 +94,14 @@ UNREACHABLE = {
         "init_image": "an image is not text: it is given again beside --from-image",
         "mask": "as init_image",
     },
+    "http": {},  # filled from sdonnx/server/a1111.py below: the reasons live beside the field tables
 }
+try:
+    from sdonnx.server.a1111 import PARTLY, PYTHON_ONLY
+
+    UNREACHABLE["http"] = {**PYTHON_ONLY, **PARTLY}
+except ImportError:  # without the serve extra the http door is skipped
+    pass
 
 
 class Seen(Exception):
@@ -169,7 +180,40 @@ def infotext_door(name, settings, model):
     return GenerationRequest.from_infotext(request.infotext(plan, facts=facts))
 
 
-DOORS = {"python": python_door, "cli": cli_door, "infotext": infotext_door}
+# keyword -> its value as the A1111 API sends it, where that is not the value itself
+A1111_VALUES = {
+    "init_image": lambda path: [base64.b64encode(Path(path).read_bytes()).decode()],
+    "mask": lambda path: base64.b64encode(Path(path).read_bytes()).decode(),
+    "rng": lambda source: {"cpu": "CPU", "nv": "NV"}[source],
+    "inpainting_mask_invert": int,
+}
+
+
+def http_door(name, settings, model):
+    pytest.importorskip("pydantic")
+    from sdonnx.server.a1111 import http_reach, request_from_a1111
+
+    reach = http_reach()
+    # the request's sampler unless one is given: A1111's default (Euler) takes no eta
+    settings = {"sampler": GenerationRequest.keywords()["sampler"], **settings}
+    payload, options = {}, {}
+    for keyword, value in settings.items():
+        field = reach[keyword]
+        value = A1111_VALUES.get(keyword, lambda v: v)(value)
+        if keyword == "crop_top_left":
+            options.update(sdxl_crop_top=value[0], sdxl_crop_left=value[1])
+        elif field.startswith("override_settings."):
+            options[field.split(".", 1)[1]] = value
+        else:
+            payload[field] = value
+    payload["override_settings"] = options
+    mode = "img2img" if "init_images" in payload else "txt2img"
+    request, translation = request_from_a1111(payload, mode, find_model=lambda name: SimpleNamespace(path=name))
+    assert translation.ignored == [], translation.ignored
+    return request
+
+
+DOORS = {"python": python_door, "cli": cli_door, "infotext": infotext_door, "http": http_door}
 
 
 def _value(request, name):
@@ -198,4 +242,7 @@ def test_field_reaches_door(door, name, model, images, request):
     expected = settings[name]
     if door == "infotext" and name == "refiner":
         expected = Path(expected).name  # the infotext names the refiner's folder
+    if door == "http" and name in ("init_image", "mask"):  # the API carries the image itself
+        assert _value(built, name).tobytes() == Image.open(expected).tobytes()
+        return
     assert _value(built, name) == expected

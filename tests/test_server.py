@@ -5,7 +5,6 @@ keyed on the sources that make it, so later runs skip the conversion.
 """
 import base64
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -213,9 +212,6 @@ def test_variation_seed(client):
     body = {"prompt": "v", "steps": 2, "seed": 5, "subseed": 40, "subseed_strength": 0.3, "batch_size": 2,
             "n_iter": 2, "seed_resize_from_w": -1, "seed_resize_from_h": -1}
     info = json.loads(client.post(f"{API}/txt2img", json=body).json()["info"])
-    if "subseed" not in inspect.signature(Pipeline.generate).parameters:
-        assert "subseed" in info["ignored_fields"]
-        pytest.skip("Pipeline.generate takes no variation seed")
     assert info["all_subseeds"] == [40, 41, 42, 43] and info["ignored_fields"] == []
     assert "Variation seed: 43, Variation seed strength: 0.3" in info["infotexts"][3]
 
@@ -406,9 +402,6 @@ def _img2img_body():
 
 def test_img2img(client):
     r = client.post(f"{API}/img2img", json=_img2img_body())
-    if "init_image" not in inspect.signature(Pipeline.generate).parameters:
-        assert r.status_code == 501 and "init_image" in r.json()["detail"], r.text
-        pytest.skip("Pipeline.generate takes no init_image yet: img2img answers 501")
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["parameters"]["init_images"] is None and data["parameters"]["mask"] is None
@@ -418,16 +411,14 @@ def test_img2img(client):
 
 
 class FakeImg2ImgPipeline:
-    """A Pipeline stand-in whose generate takes img2img keywords (not all of them): records each call."""
+    """A Pipeline stand-in: records the keywords of each generate call, answers with the init image."""
 
     def __init__(self):
         self.calls = []
 
-    def generate(self, prompt, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a", scheduler="Automatic",
-                 seed=-1, width=None, height=None, batch_size=1, batch_count=1, callback=None, rng="nv", clip_skip=1,
-                 init_image=None, strength=0.75, mask=None, mask_blur=4, inpainting_fill=0, resize_mode=0):
-        self.calls.append(dict(init_image=init_image, mask=mask, strength=strength, mask_blur=mask_blur,
-                               inpainting_fill=inpainting_fill, resize_mode=resize_mode, size=(width, height)))
+    def generate(self, prompt, *, seed, width, height, steps, batch_size, init_image, strength, callback, preview,
+                 **settings):
+        self.calls.append(dict(settings, init_image=init_image, strength=strength, size=(width, height)))
         for step in range(1, steps + 1):
             callback(step, steps)
         seeds = [seed + j for j in range(batch_size)]
@@ -443,8 +434,11 @@ def test_img2img_route_passes_images_and_options(models_root):
         call = fake.calls[0]
         assert call["init_image"].size == (64, 48) and call["mask"].getpixel((20, 20)) == 255
         assert (call["strength"], call["mask_blur"], call["inpainting_fill"], call["size"]) == (0.5, 2, 1, (64, 48))
+        # A1111's API defaults: only masked (inpaint_full_res), not inverted; the padding as sent
+        assert (call["inpaint_full_res"], call["inpaint_full_res_padding"], call["inpainting_mask_invert"]) == (
+            True, 32, False)
         info = json.loads(r.json()["info"])
-        assert info["ignored_fields"] == ["inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert"]
+        assert info["ignored_fields"] == []
         assert _png(r.json()["images"][0]).getpixel((0, 0)) == (200, 40, 40)
         for body, words in (({"steps": 2}, "init_images"), ({**_img2img_body(), "mask": "%%"}, "mask"),
                             ({**_img2img_body(), "width": 60}, "multiple of 8")):

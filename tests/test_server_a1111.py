@@ -1,7 +1,6 @@
 """The A1111 field tables of `sdonnx serve` (sdonnx/server/a1111.py): every field of A1111's request is mapped
 or named with its reason, every mapping is applied, and every generate keyword is reachable or explained."""
 import base64
-import inspect
 import io
 from pathlib import Path
 
@@ -11,13 +10,12 @@ pytest.importorskip("pydantic")
 
 from PIL import Image  # noqa: E402
 
-from sdonnx.pipeline import Pipeline  # noqa: E402
+from sdonnx.request import GenerationRequest  # noqa: E402
 from sdonnx.server.a1111 import (GENERATE, OPTIONS, PYTHON_ONLY, SERVER, UNSUPPORTED, TranslationError,  # noqa: E402
                                  apply_styles, drop_missing_loras, http_reach, translate)
 from sdonnx.server.schemas import Img2ImgRequest, Txt2ImgRequest  # noqa: E402
 
-GENERATE_KEYWORDS = set(inspect.signature(Pipeline.generate).parameters) - {"self", "sampler_options"}
-SAMPLER_OPTION_KEYWORDS = {"eta", "s_churn", "s_tmin", "s_tmax", "s_noise"}  # taken through **sampler_options
+GENERATE_KEYWORDS = set(GenerationRequest.keywords())  # the request's fields: Pipeline.generate's keywords
 
 
 class Entry:
@@ -46,7 +44,7 @@ def test_every_a1111_field_is_in_exactly_one_table():
 
 def test_every_mapping_names_real_keywords_and_every_keyword_is_reachable():
     named = {k for keywords in GENERATE.values() for k in keywords} | {k for k, _ in OPTIONS.values()}
-    assert named <= GENERATE_KEYWORDS | SAMPLER_OPTION_KEYWORDS
+    assert named <= GENERATE_KEYWORDS
     reach = http_reach()
     for keyword in GENERATE_KEYWORDS:
         assert keyword in reach or keyword in PYTHON_ONLY, f"{keyword}: no A1111 field and no reason why"
@@ -135,3 +133,23 @@ def test_styles_and_missing_loras_as_a1111():
     assert apply_styles("cat", ["a photo of {prompt}", "framed", ""]) == "a photo of cat, framed"
     assert apply_styles("", ["oil"]) == "oil"
     assert drop_missing_loras("x <lora:a:1> <lora:b:0.5:1> y", {"a"}) == ("x <lora:a:1>  y", ["b"])
+
+
+def test_request_from_a1111_payload():
+    """GenerationRequest.from_a1111: the same translation as `sdonnx serve`, from a plain dict."""
+    r = GenerationRequest.from_a1111({"prompt": "a cat", "enable_hr": True, "hr_scale": 2, "denoising_strength": 0.4,
+                                      "tiling": True, "n_iter": 3, "sampler_name": "DPM++ 2M Karras",
+                                      "override_settings": {"CLIP_stop_at_last_layers": 2}})
+    assert (r.hires.hires, r.hires.hires_scale, r.hires.hires_denoising) == (True, 2.0, 0.4)
+    assert (r.sampling.sampler, r.sampling.scheduler, r.prompt.clip_skip) == ("DPM++ 2M", "Karras", 2)
+    assert r.tiling.tiling is True and r.to_kwargs()["batch_count"] == 3
+    with pytest.raises(ValueError, match="txt2img or img2img"):
+        GenerationRequest.from_a1111({}, mode="extras")
+
+
+def test_the_field_tables_load_without_the_web_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, sdonnx.server.a1111; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,8 +9,11 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from pathlib import Path
+from types import SimpleNamespace
+
 from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
-from ..pipeline import MAX_SEED
+from ..request import MAX_SEED, GenerationRequest
 from ..samplers import resolve
 from .codec import decode_image
 
@@ -75,14 +78,13 @@ OPTIONS = {
     "sdxl_refiner_low_aesthetic_score": ("negative_aesthetic_score", 2.5),
 }
 
-# generate keywords no A1111 request field or setting reaches, and why
+# request fields (GenerationRequest) no A1111 request field or setting reaches, and why
 PYTHON_ONLY = {
-    "latents": "A1111's API takes no initial noise arrays",
-    "callback": "the server's own progress hook (/progress, /interrupt, /skip)",
-    "preview": "the server's own live preview hook (/progress current_image)",
-    "noise_sampler": "A1111's API takes no noise functions",
     "tiled_vae": "A1111's tiled VAE is an extension with its own script arguments (decided automatically here)",
+    "sampler_options": "A1111's API has fields for eta, s_churn, s_tmin, s_tmax and s_noise only",
 }
+# values of a request field A1111's API cannot express
+PARTLY = {"tiling": "A1111's tiling is on or off: no seamless tiling along one axis (\"x\", \"y\")"}
 
 RNG_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 # sampler options, and the values at which a sampler without that option loses nothing
@@ -325,10 +327,34 @@ def _refiner(req, find_model, t):
         t.kwargs.update(refiner=str(entry.path), refiner_switch_at=switch_at)
 
 
+def request_from_a1111(payload, mode="txt2img", options=None, styles=None, find_model=None):
+    """An A1111 txt2img/img2img payload (a dict, A1111's field names and defaults) -> (GenerationRequest,
+    Translation). options: A1111 settings (override_settings in the payload apply over them); styles:
+    {name: (prompt, negative prompt)}; find_model(name) -> an entry with .path for refiner_checkpoint (by
+    default the name is a model folder)."""
+    from .schemas import Img2ImgRequest, Txt2ImgRequest
+
+    if mode not in ("txt2img", "img2img"):
+        raise ValueError(f"mode {mode!r}: choose txt2img or img2img")
+    req = (Txt2ImgRequest if mode == "txt2img" else Img2ImgRequest).model_validate(payload)
+    overrides = {k: v for k, v in (req.override_settings or {}).items() if k in OPTIONS}
+    t = translate(req, mode, {**(options or {}), **overrides}, styles or {}, find_model or _model_folder)
+    return GenerationRequest.from_kwargs(**t.kwargs), t
+
+
+def _model_folder(name):
+    """A refiner named by its folder (the Python door has no model list)."""
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"model folder {name!r} does not exist")
+    return SimpleNamespace(path=path)
+
+
 def http_reach():
     """generate keyword -> how the HTTP API reaches it (an A1111 field, or a setting in override_settings)."""
     reach = {}
-    for name, keywords in GENERATE.items():
+    # a field that feeds that keyword alone first (hr_prompt, not styles, for hires_prompt)
+    for name, keywords in sorted(GENERATE.items(), key=lambda item: len(item[1])):
         for keyword in keywords:
             reach.setdefault(keyword, name)
     for name, (keyword, _) in OPTIONS.items():

@@ -1,6 +1,5 @@
 """A1111's /sdapi/v1 routes: request -> validated generation plan -> worker job -> A1111 response."""
 import asyncio
-import inspect
 import io
 import json
 import logging
@@ -15,6 +14,7 @@ from .. import __version__
 from ..image import read_infotext, save_png
 from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from ..infotext import parse_infotext
+from ..request import GenerationRequest
 from ..samplers import SAMPLER_INFO
 from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
 from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
-# img2img keywords of Pipeline.generate: without these it cannot do the job (501); the others are reported
-# as ignored when the pipeline does not take them
-REQUIRED_KWARGS = {"init_image": "img2img", "mask": "inpainting"}
 
 
 class ApiError(Exception):
@@ -214,6 +211,10 @@ def plan_generation(state, req, mode):
     width, height = (init.width // f * f, init.height // f * f) if init is not None else (manifest.native_size,) * 2
     kwargs["width"], kwargs["height"] = _check_size(kwargs.get("width") or width, kwargs.get("height") or height, f)
     prompts = _without_missing_loras(kwargs, state.store.lora_names(), t.comments)
+    try:  # every user error before the job queues
+        GenerationRequest.from_kwargs(**kwargs).validate(manifest)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
     return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
                 t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts)
 
@@ -233,23 +234,6 @@ def _without_missing_loras(kwargs, available, comments):
         comments.append(f"Lora not found: {', '.join(missing)}")
         log.warning("Lora not found: %s", ", ".join(missing))
     return restore
-
-
-def _fit_keywords(pipe, plan):
-    """plan.kwargs cut to what pipe.generate takes: 501 without a required one, the rest reported as ignored."""
-    accepted = set(inspect.signature(pipe.generate).parameters)
-    kwargs = {}
-    for name, value in plan.kwargs.items():
-        if name in accepted:
-            kwargs[name] = value
-        elif name in REQUIRED_KWARGS:
-            raise ApiError(501, f"{REQUIRED_KWARGS[name]} is not available in this build: "
-                                f"Pipeline.generate takes no {name} yet")
-        elif name in SAMPLER_NEUTRAL:
-            kwargs[name] = value  # a sampler option, taken through **sampler_options
-        else:
-            plan.ignored.append(name)
-    return kwargs
 
 
 def _model_for(state, name):
@@ -283,8 +267,7 @@ def _check_size(width, height, factor):
 def run_plan(job, pipeline_for, plan, outdir):
     """Worker side: generate plan.n_iter batches (so /skip can drop one), encode them, save if asked."""
     pipe = pipeline_for(plan.entry)
-    kwargs = _fit_keywords(pipe, plan)
-    preview = {"preview": job.preview} if "preview" in inspect.signature(pipe.generate).parameters else {}
+    kwargs = dict(plan.kwargs)
     job.job_count = plan.n_iter
     images, seeds, infotexts, parameters = [], [], [], {}
     for n in range(plan.n_iter):
@@ -295,7 +278,7 @@ def run_plan(job, pipeline_for, plan, outdir):
         if "subseed" in kwargs:
             kwargs["subseed"] = plan.kwargs["subseed"] + offset
         result = pipe.generate(**kwargs, seed=plan.seed + offset, batch_size=plan.batch_size,
-                               batch_count=1, callback=job.callback, **preview)
+                               batch_count=1, callback=job.callback, preview=job.preview)
         images += result.images
         seeds += result.seeds
         infotexts += [_with_sent_prompt(text, plan.prompts) for text in result.infotexts]
