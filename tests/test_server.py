@@ -288,6 +288,15 @@ def test_hires_fix_gives_the_hires_size(client, direct):
         assert r.status_code == status and words in r.text, r.text
 
 
+def test_infotext_field_makes_an_image_again(client):
+    """A1111 1.7+'s `infotext` field: a hires image made again from its own infotext, pixel for pixel."""
+    data, info = _txt2img(client, enable_hr=True, hr_scale=1.5, sampler_name="DPM++ 2M", denoising_strength=0.6)
+    again = client.post(f"{API}/txt2img", json={"infotext": info["infotexts"][0]})
+    assert again.status_code == 200, again.text
+    assert again.json()["images"][0] == data["images"][0]
+    assert json.loads(again.json()["info"])["infotexts"][0] == info["infotexts"][0]
+
+
 def test_tiling_tiles(client, direct):
     data, info = _txt2img(client, tiling=True)
     assert "Tiling: True" in info["infotexts"][0] and info["ignored_fields"] == []

@@ -153,3 +153,20 @@ def test_the_field_tables_load_without_the_web_stack():
 
     code = "import sys, sdonnx.server.a1111; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_infotext_field_fills_what_the_request_does_not_set():
+    """A1111 1.7+: `infotext` applies its settings where the request leaves a field unset."""
+    text = ("a cat <lora:x:1>\nNegative prompt: dark\nSteps: 7, Sampler: Heun, Schedule type: Karras, CFG scale: 5, "
+            "Seed: 9, Size: 72x56, Clip skip: 2, Denoising strength: 0.4, Hires upscale: 1.5, Hires upscaler: Lanczos, "
+            "Refiner: other [0123456789], Refiner switch at: 0.6, Version: v1.10.1")
+    overrides = {"CLIP_stop_at_last_layers": 3}
+    req = Txt2ImgRequest(infotext=text, steps=3, override_settings=overrides)
+    t = translate(req, "txt2img", overrides, {}, _find)  # the server merges override_settings into the options
+    kw = t.kwargs
+    assert (kw["prompt"], kw["negative_prompt"], kw["steps"], kw["sampler"], kw["scheduler"]) == (
+        "a cat <lora:x:1>", "dark", 3, "Heun", "Karras")  # steps and clip skip: the request's own
+    assert (kw["seed"], kw["width"], kw["height"], kw["cfg_scale"], kw["clip_skip"]) == (9, 72, 56, 5.0, 3)
+    assert (kw["hires"], kw["hires_scale"], kw["hires_upscaler"], kw["hires_denoising"]) == (True, 1.5, "Lanczos", 0.4)
+    assert "refiner" not in kw and t.comments == ["Refiner not found: other"]
+    assert "infotext" not in t.ignored

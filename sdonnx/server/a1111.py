@@ -51,6 +51,7 @@ SERVER = {
     "include_init_images": "echoes init_images and mask in the response's parameters",
     "force_task_id": "the job's id, reported as current_task by /progress",
     "comments": "A1111 discards them as well",
+    "infotext": "an A1111 infotext: its settings apply where the request does not set the field (A1111 1.7+)",
 }
 
 # A1111 request fields without an equivalent here, and why
@@ -65,7 +66,6 @@ UNSUPPORTED = {
     "latent_mask": "the mask is used for the latents as well",
     "script_name": "no scripts", "script_args": "no scripts",
     "alwayson_scripts": "no extensions (ControlNet, ADetailer, ...)",
-    "infotext": "send the parsed fields instead (POST /sdapi/v1/png-info reads an infotext)",
 }
 
 # A1111 settings (override_settings, POST /options) -> (generate keyword, A1111's default)
@@ -128,6 +128,7 @@ def translate(req, mode, options, styles, find_model):
     else:
         _img2img(req, t)
     _refiner(req, find_model, t)
+    _infotext(req, mode, find_model, t)
     t.ignored += [name for name in UNSUPPORTED if _set(req, name)]
     t.ignored += sorted(k for k, v in (req.model_extra or {}).items() if v)  # fields A1111 does not have either
     return t
@@ -348,6 +349,27 @@ def _model_folder(name):
     if not path.is_dir():
         raise ValueError(f"model folder {name!r} does not exist")
     return SimpleNamespace(path=path)
+
+
+def _infotext(req, mode, find_model, t):
+    """A1111's `infotext` field: the settings it names apply wherever the request does not set the field itself."""
+    if not req.infotext:
+        return
+    try:
+        read = GenerationRequest.from_infotext(req.infotext).to_kwargs(changed_only=True)
+    except ValueError as e:
+        raise TranslationError(422, f"infotext: {e}") from None
+    explicit = {k for name in req.model_fields_set for k in GENERATE.get(name, ())}
+    explicit |= {OPTIONS[name][0] for name in (req.override_settings or {}) if name in OPTIONS}
+    refiner = read.pop("refiner", None)
+    for keyword, value in read.items():
+        if keyword not in explicit and not (mode == "img2img" and keyword.startswith("hires")):
+            t.kwargs[keyword] = value
+    if refiner and "refiner" not in explicit:  # read back as the model's name: a served model of that name
+        try:
+            t.kwargs["refiner"] = str(find_model(refiner).path)
+        except ValueError:
+            t.comments.append(f"Refiner not found: {refiner}")
 
 
 def http_reach():
