@@ -8,7 +8,6 @@ A1111's defaults and semantics; a field set away from its default that nothing a
 import random
 import re
 from dataclasses import dataclass, field
-
 from pathlib import Path
 from types import SimpleNamespace
 
