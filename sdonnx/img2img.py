@@ -179,8 +179,9 @@ def fill_masked(image, mask):
 
 
 def latent_mask(mask, latent_size):
-    """Repaint mask at latent resolution, rounded to 0/1 as A1111 does: [1, 1, h, w] (1 = repaint)."""
-    small = mask.convert("L").resize(latent_size, Image.Resampling.LANCZOS)
+    """Repaint mask at latent resolution as A1111 makes it (PIL's default bicubic resize, rounded to 0/1):
+    [1, 1, h, w] (1 = repaint)."""
+    small = mask.convert("L").resize(latent_size, Image.Resampling.BICUBIC)
     return np.around(np.asarray(small, np.float32) / 255.0)[None, None]
 
 
@@ -241,6 +242,11 @@ class InitPlan:
     def latent_mask(self, size_hw):
         """[1, 1, h, w], 1 = repaint."""
         return latent_mask(self.mask.process, (size_hw[1], size_hw[0]))
+
+    def conditioning_mask(self, size_hw):
+        """An inpainting model's mask channel as A1111 makes it: the pixel mask rounded to 0/1, then resized
+        to the latent size with torch's default (legacy nearest) interpolate: [1, 1, h, w]."""
+        return interpolate(self.pixel_mask(), size_hw, "nearest")
 
     def pixel_mask(self):
         """[1, 1, H, W] in {0, 1} at the processing size, 1 = repaint (the inpainting model's mask)."""

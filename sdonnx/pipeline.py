@@ -425,7 +425,7 @@ class Pipeline:
         if init.mask is None:
             return latent, np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), latent], 1)
         masked = self.encode_images(init.array * (1.0 - init.pixel_mask()), tiled, plan.tiling)
-        return latent, np.concatenate([init.latent_mask(shape[1:]), masked], 1)
+        return latent, np.concatenate([init.conditioning_mask(shape[1:]), masked], 1)
 
     def _blank_image_cond(self, shape, tiled, tiling):
         """An inpainting model's conditioning when all is to be painted: mask of ones, the latents of a grey

@@ -286,3 +286,21 @@ def test_inpaint_at_another_size_than_the_init_image(pipe, init_image, fill):
     assert out.size == (64, 64)
     assert np.array_equal(_px(out)[:12], resized[:12])  # far from the mask: the resized init image exactly
     assert np.abs(_px(out)[28:44, 28:44] - resized[28:44, 28:44]).mean() > 1  # inside: generated
+
+
+def test_masks_at_latent_size_are_a1111s():
+    """The blend mask: A1111 resizes the processed mask as RGB with PIL's default filter (bicubic) and
+    rounds; the inpainting model's mask channel: the pixel mask rounded, then torch's interpolate (nearest)."""
+    from sdonnx.img2img import InitPlan
+
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (25, 19, 44, 30))  # a box where bicubic and Lanczos round one latent pixel differently
+    init = InitPlan.make(Image.new("RGB", (64, 48), "gray"), mask, 64, 48, resize_mode=0, mask_blur=4, invert=False,
+                         only_masked=False, padding=32, fill=1, strength=0.5, factor=8)
+    blurred = mask.filter(ImageFilter.GaussianBlur(4))
+    blend = np.around(np.asarray(blurred.convert("RGB").resize((8, 6)), np.float32)[..., 0] / 255)
+    assert np.array_equal(init.latent_mask((6, 8))[0, 0], blend)
+    pixels = torch.round(torch.from_numpy(np.asarray(blurred, np.float32)[None, None] / 255))
+    channel = torch.nn.functional.interpolate(pixels, size=(6, 8)).numpy()
+    assert np.array_equal(init.conditioning_mask((6, 8)), channel)
+    assert not np.array_equal(init.latent_mask((6, 8)), channel)  # the two are not the same mask
