@@ -266,7 +266,8 @@ class HiresPart(_Part):
     hires_width: int = option(0, "Hires resize", "Second pass width (0: from the scale or the height).")
     hires_height: int = option(0, "Hires resize", "Second pass height (0: from the scale or the width).")
     hires_upscaler: str = option("Latent", "Hires upscaler", "Latent, Latent (antialiased), Latent (bicubic), "
-                                 "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None.")
+                                 "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), Lanczos, "
+                                 "Nearest or None.")
     hires_steps: int = option(0, "Hires steps", "Second pass steps (0: as many as --steps).")
     hires_denoising: float = option(0.7, "Denoising strength", "Second pass denoising strength.")
     hires_sampler: str = option(None, "Hires sampler", "Second pass sampler [the first pass's].", kind=str)

@@ -56,3 +56,14 @@ def test_nearest_is_not_nearest_exact():
 def test_unknown_latent_upscaler():
     with pytest.raises(ValueError, match="Latent \\(bicubic antialiased\\)"):
         upscale_latents(np.zeros((1, 4, 8, 8), np.float32), (16, 16), "Latent (lanczos)")
+
+
+def test_the_hires_upscaler_help_names_every_upscaler():
+    import dataclasses
+
+    from sdonnx.img2img import IMAGE_UPSCALERS
+    from sdonnx.request import HiresPart
+
+    text = next(f.metadata["help"] for f in dataclasses.fields(HiresPart) if f.name == "hires_upscaler")
+    named = {name.strip() for name in text.rstrip(".").replace(" or ", ", ").split(", ")}
+    assert named == {*LATENT_UPSCALERS, *IMAGE_UPSCALERS}
