@@ -16,10 +16,12 @@ from sdonnx.cli import _fail, _user_errors
                    "beside the fp16 one and decodes whenever the fp16 one overflows).")
 @click.option("--optimize", is_flag=True, help="Fuse attention, LayerNorm, GELU... with ONNX Runtime's transformer "
                                                "optimizer at convert time (see --target).")
-@click.option("--target", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="Provider kind the fusions are chosen for [default: gpu with --dtype fp16, else cpu].")
+@click.option("--target", type=click.Choice(["cpu", "gpu", "dml"]), default=None,
+              help="Provider the fusions are chosen for (implies --optimize): cpu, gpu (CUDA) or dml (DirectML: "
+                   "onnxruntime's DirectML recipe, then a kernel-by-kernel check of the graphs) [default: gpu "
+                   "with --dtype fp16, else cpu].")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8 (dynamic) UNet for the CPU provider: faster, slightly different images.")
+              help="int8 (dynamic) UNet for the CPU provider (fp32, --target cpu): faster, slightly different images.")
 def convert(source, outdir, force, family, prediction, dtype, optimize, target, quantize):
     """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder."""
     try:
@@ -27,6 +29,7 @@ def convert(source, outdir, force, family, prediction, dtype, optimize, target, 
     except ImportError as e:
         _fail(f"converting needs the torch side: pip install 'sdonnx[convert]' ({e})")
     try:
+        optimize = optimize or target is not None
         target = target or ("gpu" if dtype == "fp16" else "cpu")
         manifest = run_convert(source, outdir, force=force, family=family, prediction=prediction, dtype=dtype,
                                optimize=target if optimize else None, quantize=quantize,

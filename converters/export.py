@@ -56,6 +56,8 @@ def save_with_external_data(model, path, source_dir=None):
     path = Path(path)
     with open(path.parent / DATA_FILE, "wb") as data:
         for tensor in model.graph.initializer:
+            if _shape_operand(tensor):
+                continue
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = ExternalDataInfo(tensor)
                 with open(Path(source_dir) / info.location, "rb") as f:
@@ -80,6 +82,13 @@ def save_with_external_data(model, path, source_dir=None):
             tensor.data_location = onnx.TensorProto.EXTERNAL
         data.truncate()
     onnx.save_model(model, str(path))
+
+
+def _shape_operand(tensor):
+    """Small integer tensors stay in the graph: they are shapes and axes (the packed-QKV fusion's Reshape
+    target, for one), and onnxruntime's shape inference at load time does not read external data."""
+    return (tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+            and tensor.data_location != onnx.TensorProto.EXTERNAL and int(np.prod(tensor.dims)) <= 64)
 
 
 def _check_io(model, names, component):

@@ -23,7 +23,7 @@ from .export import DATA_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "gpu", "dml")
 QUANTIZE = ("int8",)
 MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_decoder": "vae",
                "vae_encoder": "vae"}
@@ -33,6 +33,19 @@ GPU_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_bias_
                     "enable_nhwc_conv")
 # packed QKV/KV layouts are what the fp16 GPU kernels are fast at; the CPU kernel wants them separate
 PACKED_FUSIONS = ("enable_packed_qkv", "enable_packed_kv")
+# DirectML: the fusions onnxruntime's own DirectML Stable Diffusion engine and Olive choose. On: attention
+# as MultiHeadAttention (packed Q/K/V), LayerNorm, Gelu/BiasGelu, GroupNorm in NCHW; off: fused ops its
+# kernels lack (NhwcConv, BiasSplitGelu, BiasAdd, SkipGroupNorm) and SkipLayerNorm, which it runs slower
+# than LayerNorm plus an Add
+DML_FUSIONS = {"enable_gelu": True, "enable_layer_norm": True, "enable_attention": True,
+               "use_multi_head_attention": True, "enable_bias_gelu": True, "enable_group_norm": True,
+               "group_norm_channels_last": False, "enable_packed_qkv": True, "enable_packed_kv": True,
+               "enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False, "enable_nhwc_conv": False,
+               "enable_bias_splitgelu": False, "enable_bias_add": False, "enable_skip_group_norm": False,
+               "enable_gelu_approximation": False, "enable_gemm_fast_gelu": False, "enable_qordered_matmul": False}
+# fused GPU GroupNorm kernels take fp16 in and out and keep their statistics in fp32 (the DirectML recipe
+# forces its inputs to fp16 rather than keeping the op in fp32 behind casts)
+FP16_FORCED_INPUTS = {"GroupNorm": [0, 1, 2], "SkipGroupNorm": [0, 1, 2, 3, 4]}
 # ops kept in fp32 in fp16 graphs: reductions over many squares/exponentials that leave fp16's range
 # (|x| > 256 squared is past 65504) — the unfused GroupNorm (InstanceNormalization), LayerNorm, softmax
 FP16_OP_BLOCK_LIST = ("InstanceNormalization", "LayerNormalization", "SkipLayerNormalization", "GroupNorm",
@@ -65,6 +78,9 @@ class Plan:
             raise OptimizeError(f"quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
         if self.quantize and self.dtype == "fp16":
             raise OptimizeError("int8 quantization is for the CPU fp32 UNet; it does not combine with fp16")
+        if self.quantize and self.optimize not in (None, "cpu"):
+            raise OptimizeError(f"int8 quantization is for the CPU provider (dynamically quantized MatMuls); "
+                                f"it does not combine with --target {self.optimize}")
 
     def applies(self, component):
         return bool(self.optimize or (self.dtype == "fp16" and component in FP16_COMPONENTS)
@@ -101,8 +117,9 @@ def derive(base_path, component, plan, num_heads=0, out_dir=None):
     if plan.dtype_of(component) == "fp16":
         from onnx.external_data_helper import load_external_data_for_model
 
+        _annotate_types(model)  # before the weights come in: the type walk needs the graph only
         load_external_data_for_model(model, str(folder))  # the conversion rewrites every float weight
-        model = _to_fp16(model)
+        model = _to_fp16(model, plan.optimize)
     target = Path(out_dir or folder) / "optimized" / MODEL_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     if plan.quantize and component in QUANTIZE_COMPONENTS:
@@ -135,30 +152,52 @@ def _save(model, path, source_dir):
 
 
 def fold_weight_transposes(model):
-    """Transpose(initializer) -> a transposed initializer. The export keeps weights unfolded (named for
-    LoRA); the attention fusion wants MatMul weights it can read."""
+    """Transpose(initializer) and Unsqueeze(initializer, constant axes) -> the folded initializer. The export
+    keeps weights unfolded (named for LoRA); the attention fusion wants MatMul weights it can read, the
+    GroupNorm fusion its gamma/beta as [C, 1, 1] constants."""
     inits = {i.name: i for i in model.graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     kept = []
     for node in model.graph.node:
-        if node.op_type == "Transpose" and node.input[0] in inits:
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            array = np.transpose(numpy_helper.to_array(inits[node.input[0]]), perm)
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), node.output[0]))
-        else:
+        folded = _folded(node, inits, constants)
+        if folded is None:
             kept.append(node)
+        else:
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(folded), node.output[0]))
     del model.graph.node[:]
     model.graph.node.extend(kept)
     return model
+
+
+def _folded(node, inits, constants):
+    """The value of a Transpose/Unsqueeze of an initializer, or None when the node is not one."""
+    if not node.input or node.input[0] not in inits:
+        return None
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        return np.transpose(numpy_helper.to_array(inits[node.input[0]]), perm)
+    if node.op_type == "Unsqueeze" and len(node.input) == 2 and node.input[1] in constants:
+        array = numpy_helper.to_array(inits[node.input[0]])
+        axes = sorted(int(a) % (array.ndim + len(constants[node.input[1]].reshape(-1)))
+                      for a in constants[node.input[1]].reshape(-1))
+        for axis in axes:
+            array = np.expand_dims(array, axis)
+        return array
+    return None
 
 
 def fusion_options(component, target):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(MODEL_TYPES[component])
-    off = GPU_ONLY_FUSIONS + PACKED_FUSIONS if target == "cpu" else PACKED_FUSIONS
-    for name in off:
-        if hasattr(options, name):
-            setattr(options, name, False)
+    if target == "dml":
+        chosen = DML_FUSIONS
+    else:
+        chosen = dict.fromkeys(GPU_ONLY_FUSIONS + PACKED_FUSIONS if target == "cpu" else PACKED_FUSIONS, False)
+    for name, value in chosen.items():
+        if hasattr(options, name):  # options differ between onnxruntime versions
+            setattr(options, name, value)
     return options
 
 
@@ -170,7 +209,7 @@ def _fuse(model, component, target, num_heads):
         optimization_options=fusion_options(component, target),
         # 0: the Python fusions only; ONNX Runtime's own level-1..3 passes run at session creation,
         # where they can use the provider the session really has
-        opt_level=0, use_gpu=target == "gpu")
+        opt_level=0, use_gpu=target != "cpu")
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     log.info("%s fused: %s", component, fused or "nothing")
     model = optimized.model
@@ -235,16 +274,31 @@ def split_self_attention(model):
     return rewritten
 
 
-def _to_fp16(model):
+def _annotate_types(model):
+    """Record every value's element type in value_info. The fp16 conversion decides where casts go from
+    value_info, and onnx's shape inference leaves the fused contrib ops' outputs untyped: a kept-fp32
+    SkipLayerNormalization then fed an fp16 MatMul with no cast between them."""
+    from onnx import helper
+
+    from sdonnx.kernels import installed_table, value_types
+
+    known = {v.name for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    known |= {i.name for i in model.graph.initializer}
+    for name, kind in value_types(model, installed_table("cpu")).items():
+        if name not in known and kind.startswith("tensor("):
+            elem = getattr(onnx.TensorProto, kind[len("tensor("):-1].upper())
+            model.graph.value_info.append(helper.make_tensor_value_info(name, elem, None))
+
+
+def _to_fp16(model, target=None):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    # keep_io_types: the graph's inputs and outputs stay float32, the runtime's API does not change
-    return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_OP_BLOCK_LIST),
-                                    disable_shape_infer=_too_big_for_shape_inference(model))
-
-
-def _too_big_for_shape_inference(model):
-    return sum(i.ByteSize() for i in model.graph.initializer) > 1_800_000_000
+    forced = FP16_FORCED_INPUTS if target in ("gpu", "dml") else {}
+    # keep_io_types: the graph's inputs and outputs stay float32, the runtime's API does not change;
+    # the types come from _annotate_types (onnx's shape inference does not know the fused ops)
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                    op_block_list=[op for op in FP16_OP_BLOCK_LIST if op not in forced],
+                                    force_fp16_inputs=forced)
 
 
 def _quantize_int8(source, target):
@@ -271,15 +325,17 @@ def attention_heads(spec):
     return int(heads[0]) if heads[0] and len(set(heads)) == 1 else 0
 
 
-def derive_checked(spec, base_path, plan, staging, tolerance, report):
+def derive_checked(spec, base_path, plan, staging, tolerance, report, out_dir=None):
     """Derive spec's graph per `plan` and hold it to the convert's parity gate against torch; returns the
-    manifest fields for it ({} when the plan leaves the component as is)."""
-    from .export import parity_check
-
+    manifest fields for it ({} when the plan leaves the component as is). out_dir: where the derived
+    graph's folder goes (default: beside the base graph)."""
     if not plan.applies(spec.name):
         return {}
+    base_path = Path(base_path)
+    if plan.optimize == "dml":
+        _report_dml_coverage(base_path, base_path.parent.parent, report)
     report(f"optimizing {spec.name} ({', '.join(f'{k}={v}' for k, v in plan.describe(spec.name).items() if v)})")
-    path, fused = derive(base_path, spec.name, plan, num_heads=attention_heads(spec))
+    path, fused = derive(base_path, spec.name, plan, num_heads=attention_heads(spec), out_dir=out_dir)
     from sdonnx.runtime.session import return_freed_memory
 
     return_freed_memory()  # the fusion's garbage, before the parity check loads the derived graph
@@ -287,7 +343,47 @@ def derive_checked(spec, base_path, plan, staging, tolerance, report):
         shutil.rmtree(path.parent)  # nothing fused for this provider: the base graph is as fast
         report(f"{spec.name}: nothing to fuse for {plan.optimize}; the base graph runs")
         return {}
-    report(f"checking optimized {spec.name} against torch")
-    err = parity_check(spec, path, max(tolerance, plan.tolerance(spec.name)))
+    err, checked = _parity_checked(spec, path, max(tolerance, plan.tolerance(spec.name)), report)
+    coverage = _report_dml_coverage(path, staging, report) if plan.optimize == "dml" else {}
     return {"optimized_path": relative_path(path, staging),
-            "optimized": {**plan.describe(spec.name), "fused": fused, "parity_max_abs_err": err}}
+            "optimized": {**plan.describe(spec.name), "fused": fused, "parity_max_abs_err": err,
+                          "parity_checked": checked, **coverage}}
+
+
+def _report_dml_coverage(path, root, report):
+    """`sdonnx doctor --provider dml` on one graph, as the convert goes: every node DirectML has no kernel
+    for (it would run on the CPU, with copies across) is reported; the count goes into the manifest."""
+    from sdonnx.kernels import check_graph, load_table
+
+    result = check_graph(path, load_table("dml"), relative_path(path, root))
+    if not result.fallbacks:
+        report(f"{result.graph}: all {result.nodes} nodes have DirectML kernels")
+    for f in result.fallbacks:
+        report(f"warning: {result.graph}: {f.node} ({f.domain}.{f.op}) has no DirectML kernel ({f.reason}: "
+               f"{f.detail}); it would run on the CPU")
+    return {"dml_fallback_nodes": len(result.fallbacks)}
+
+
+def _parity_checked(spec, path, tolerance, report):
+    """Parity of the derived graph against torch on the CPU provider -> (max abs error, what was run).
+
+    A graph fused for a GPU holds contrib ops the CPU has no kernel for: its CPU twin (converters/cpu_twin.py)
+    runs instead, the same graph with those nodes replaced by their definitions in standard ops."""
+    from .cpu_twin import cpu_twin
+    from .export import parity_check
+
+    twin, replaced = cpu_twin(onnx.load(str(path), load_external_data=False))
+    checked = {"provider": "CPUExecutionProvider", "graph": "as written" if twin is None else "cpu twin",
+               "replaced": replaced}
+    if twin is None:
+        report(f"checking optimized {spec.name} against torch")
+        return parity_check(spec, path, tolerance), checked
+    nodes = ", ".join(f"{op} x{n}" for op, n in sorted(replaced.items()))
+    report(f"checking optimized {spec.name} against torch on the CPU, through its CPU twin: the nodes the CPU "
+           f"provider cannot run as written ({nodes}) replaced by their definitions in ops it can run")
+    twin_path = path.with_name("cpu_twin.onnx")  # beside the graph: shares its external data file
+    onnx.save_model(twin, str(twin_path))
+    try:
+        return parity_check(spec, twin_path, tolerance), checked
+    finally:
+        twin_path.unlink(missing_ok=True)

@@ -306,6 +306,38 @@ def info(model):
 
 
 @main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--provider", default="dml", show_default=True,
+              help="dml: the DirectML kernels of the onnxruntime-directml version the directml extra pins (shipped "
+                   "table); cpu or cuda: the kernels of the installed onnxruntime.")
+def doctor(model, provider):
+    """List the nodes of MODEL (a converted model folder or an .onnx file) that PROVIDER has no kernel for and
+    that would run on the CPU instead; exit status 1 when there are any."""
+    from .kernels import check_model
+
+    try:
+        reports = check_model(model, provider)
+    except _user_errors() as e:
+        _fail(e)
+    for line in doctor_lines(reports, provider):
+        click.echo(line)
+    if any(r.fallbacks for r in reports):
+        sys.exit(1)
+
+
+def doctor_lines(reports, provider):
+    """The doctor's report, one graph per line and one indented line per node that falls back."""
+    for report in reports:
+        if not report.fallbacks:
+            yield f"{report.graph}: all {report.nodes} nodes have {provider} kernels"
+            continue
+        elsewhere = "" if provider == "cpu" else " (they would run on the CPU provider)"
+        yield f"{report.graph}: {len(report.fallbacks)} of {report.nodes} nodes have no {provider} kernel{elsewhere}"
+        for f in report.fallbacks:
+            yield f"  {f.node} ({f.domain}.{f.op}): {f.reason}: {f.detail}"
+
+
+@main.command()
 @click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device to start on.")
 @click.option("--device", default=None, help="OpenVINO device to start on [default: a GPU when found, else CPU].")
 def providers(device_id, device):

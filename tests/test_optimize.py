@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 pytest.importorskip("torch")
@@ -114,3 +115,124 @@ def test_cli_offers_the_options():
 
     text = CliRunner().invoke(main, ["convert", "--help"]).output
     assert "--optimize" in text and "--quantize" in text and "fp16" in text
+
+
+# every combination `sdonnx convert --help` offers, on each family's tiny model: (optimize target, dtype, quantize)
+OFFERED = [(None, "fp16", None), (None, "fp32", "int8"), ("cpu", "fp32", None), ("cpu", "fp16", None),
+           ("cpu", "fp32", "int8"), ("gpu", "fp32", None), ("gpu", "fp16", None), ("dml", "fp32", None),
+           ("dml", "fp16", None)]
+REFUSED = [("gpu", "fp32", "int8"), ("dml", "fp32", "int8"), ("cpu", "fp16", "int8"), (None, "fp16", "int8")]
+
+
+@pytest.fixture(scope="module")
+def family_parts(tiny_diffusers, tiny_onnx, tiny_sdxl):
+    """family -> (component specs with their torch modules, the folder of its converted base graphs): the
+    base graphs are exported once per family and every plan derives from them."""
+    from converters.components import component_specs
+    from converters.convert import load_source
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder, _, base = tiny_sdxl("base") if family == "sdxl" else (*tiny_diffusers(family), tiny_onnx(family))
+            loaded = load_source(folder)
+            encoders = {name: model for name, (model, _) in loaded.text_encoders().items()}
+            cache[family] = (component_specs(encoders, loaded.unet, loaded.vae), base)
+        return cache[family]
+
+    return get
+
+
+def derive_all(specs, base, plan, folder):
+    """derive_checked for every component -> {component: manifest fields} of those the plan changes."""
+    from converters.optimize import derive_checked
+
+    derived = {}
+    for spec in specs:
+        fields = derive_checked(spec, base / spec.name / "model.onnx", plan, folder, 1e-3, lambda message: None,
+                                out_dir=folder / spec.name)
+        if fields:
+            derived[spec.name] = fields
+    return derived
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("optimize, dtype, quantize", OFFERED)
+def test_every_offered_combination_converts(family_parts, family, optimize, dtype, quantize, tmp_path):
+    """Each combination derives every component it applies to and passes the parity gate against torch
+    (derive_checked raises ParityError past the tolerance; fp16 graphs that did not load failed here)."""
+    specs, base = family_parts(family)
+    derived = derive_all(specs, base, Plan(optimize=optimize, dtype=dtype, quantize=quantize), tmp_path)
+    assert "unet" in derived
+    for name, fields in derived.items():
+        record = fields["optimized"]
+        assert (tmp_path / fields["optimized_path"]).is_file()
+        assert record["dtype"] == ("fp16" if dtype == "fp16" and name != "vae_encoder" else "fp32")
+        assert record["parity_checked"]["provider"] == "CPUExecutionProvider"
+        assert not (tmp_path / fields["optimized_path"]).with_name("cpu_twin.onnx").exists()
+    unet = derived["unet"]["optimized"]["parity_checked"]
+    if optimize in ("gpu", "dml"):  # their UNets hold nodes the CPU cannot run as written
+        assert unet["graph"] == "cpu twin" and unet["replaced"]
+    else:
+        assert unet == {"provider": "CPUExecutionProvider", "graph": "as written", "replaced": {}}
+    if optimize == "dml":
+        _assert_directml_recipe(specs, base, derived, tmp_path, dtype)
+
+
+def _assert_directml_recipe(specs, base, derived, folder, dtype):
+    """onnxruntime's DirectML recipe (GroupNorm, MultiHeadAttention, LayerNorm fused; none of the fused ops
+    DirectML lacks; GroupNorm fed fp16 in fp16 graphs) and every node of every graph, base and derived,
+    on a DirectML kernel per the shipped table."""
+    from sdonnx.kernels import check_graph, load_table, value_types
+
+    table = load_table("dml")
+    graphs = [base / spec.name / "model.onnx" for spec in specs] + [folder / f["optimized_path"] for f in derived.values()]
+    assert [check_graph(g, table).fallbacks for g in graphs] == [[]] * len(graphs)
+    assert all(f["optimized"]["dml_fallback_nodes"] == 0 for f in derived.values())
+    unet = onnx.load(str(folder / derived["unet"]["optimized_path"]), load_external_data=False)
+    ops = {n.op_type for n in unet.graph.node}
+    assert {"GroupNorm", "MultiHeadAttention", "LayerNormalization"} <= ops
+    assert not ops & {"NhwcConv", "BiasSplitGelu", "BiasAdd", "SkipLayerNormalization", "SkipGroupNorm"}
+    if dtype == "fp16":
+        types = value_types(unet, table)
+        assert {types[n.input[0]] for n in unet.graph.node if n.op_type == "GroupNorm"} == {"tensor(float16)"}
+
+
+@pytest.mark.parametrize("optimize, dtype, quantize", REFUSED)
+def test_combinations_that_cannot_work_are_refused_up_front(optimize, dtype, quantize):
+    with pytest.raises(OptimizeError, match="int8"):
+        Plan(optimize=optimize, dtype=dtype, quantize=quantize)
+    with pytest.raises(ConvertError, match="int8"):
+        convert("does-not-matter", "/nonexistent/out", optimize=optimize, dtype=dtype, quantize=quantize)
+
+
+def test_readme_gpu_line_converts(tiny_diffusers, tmp_path):
+    """`sdonnx convert SRC -o OUT --optimize --dtype fp16`, the README's line for CUDA and DirectML users."""
+    from click.testing import CliRunner
+
+    from sdonnx.cli import main
+
+    folder, _ = tiny_diffusers("sd1")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out), "--optimize", "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "sdonnx.json").read_text())
+    assert manifest["converter"]["optimize"] == "gpu" and manifest["converter"]["dtype"] == "fp16"
+    assert manifest["components"]["unet"]["optimized"]["parity_checked"]["graph"] == "cpu twin"
+
+
+def test_convert_for_directml_reports_kernel_coverage(tiny_diffusers, tmp_path):
+    """`--target dml` runs the doctor on every graph as it goes and records the count in the manifest."""
+    from click.testing import CliRunner
+
+    from sdonnx.cli import main
+
+    folder, _ = tiny_diffusers("sd1")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out), "--target", "dml", "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert "unet/optimized/model.onnx: all" in result.output and "nodes have DirectML kernels" in result.output
+    manifest = json.loads((out / "sdonnx.json").read_text())
+    assert manifest["converter"]["optimize"] == "dml"
+    assert manifest["components"]["unet"]["optimized"]["dml_fallback_nodes"] == 0
