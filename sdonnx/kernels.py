@@ -205,7 +205,7 @@ def _attribute(node, name):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
-def _output_type(node, index, param, bound, input_types):
+def _output_type(node, param, bound, input_types):
     if param is None:
         return input_types[0] if input_types else None  # contrib op without a signature: its input's type
     if param.startswith("tensor("):
@@ -236,8 +236,7 @@ def value_types(model, table=None):
         for index, name in enumerate(node.output):
             if not name:
                 continue
-            param = _param_of(sig.outputs, index, False) if sig else None
-            found = _output_type(node, index, param, bound, inputs) if (sig or inputs) else None
+            found = _output_type(node, _param_of(sig.outputs, index, False) if sig else None, bound, inputs)
             if found or name in declared:
                 types[name] = found or declared[name]
     return types
