@@ -222,6 +222,14 @@ def test_readme_gpu_line_converts(tiny_diffusers, tmp_path):
     manifest = json.loads((out / "sdonnx.json").read_text())
     assert manifest["converter"]["optimize"] == "gpu" and manifest["converter"]["dtype"] == "fp16"
     assert manifest["components"]["unet"]["optimized"]["parity_checked"]["graph"] == "cpu twin"
+    # the same folder on a machine without a GPU: the base graphs run (the GPU-fused UNet would not start)
+    from sdonnx.pipeline import Pipeline
+
+    pipe = Pipeline.load(out, provider="cpu")
+    result = pipe.generate("a cat", steps=2, seed=1)
+    assert result.images[0].size == (64, 64)
+    unet = pipe._component("unet")
+    assert unet.is_base and unet.session.path == out / manifest["components"]["unet"]["path"]
 
 
 def test_convert_for_directml_reports_kernel_coverage(tiny_diffusers, tmp_path):

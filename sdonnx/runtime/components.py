@@ -1,9 +1,21 @@
 """Thin facades over the ONNX graphs: the pipeline sees arrays in, arrays out, named by the manifest."""
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .session import Session
+
+log = logging.getLogger(__name__)
+# graphs fused for a GPU provider hold kernels the others lack (NhwcConv, GroupNorm, packed-QKV attention):
+# on another provider the fp32 base graph runs instead of failing at session creation
+TARGET_PROVIDERS = {"gpu": ("cuda",), "dml": ("dml",)}
+
+
+def derived_runs_on(spec, plan):
+    """Whether the component's derived graph (optimized/fp16/int8) can run on the plan's first provider."""
+    target = spec.optimized.get("target")
+    return target not in TARGET_PROVIDERS or plan.names[0] in TARGET_PROVIDERS[target]
 
 
 class _Component:
@@ -13,6 +25,11 @@ class _Component:
         and rewrite the base graph's initializers, convs and projections."""
         spec = manifest.components[name]
         derived = spec.optimized_path and not (base or replacements or tiling or graph)
+        if derived and not derived_runs_on(spec, plan):
+            log.warning("%s: its graph is optimized for %s, which %s does not run; using the fp32 base graph "
+                        "(convert with --target cpu, or without --optimize, for this provider)",
+                        name, spec.optimized["target"], plan.names[0])
+            derived = False
         path = Path(folder) / (spec.optimized_path if derived else spec.path)
         self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling, dims=spec.inputs,
                                graph=graph)
