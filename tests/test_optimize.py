@@ -246,3 +246,16 @@ def test_convert_for_directml_reports_kernel_coverage(tiny_diffusers, tmp_path):
     manifest = json.loads((out / "sdonnx.json").read_text())
     assert manifest["converter"]["optimize"] == "dml"
     assert manifest["components"]["unet"]["optimized"]["dml_fallback_nodes"] == 0
+
+
+@pytest.mark.parametrize("target, provider, derived", [
+    (None, "openvino", True), ("cpu", "cpu", True), ("cpu", "cuda", True), ("cpu", "openvino", False),
+    ("cpu", "migraphx", False), ("gpu", "cuda", True), ("gpu", "cpu", False), ("gpu", "dml", False),
+    ("dml", "dml", True), ("dml", "cpu", False), ("dml", "openvino", False)])
+def test_fused_graphs_run_only_where_their_kernels_exist(target, provider, derived):
+    from types import SimpleNamespace
+
+    from sdonnx.runtime.components import derived_runs_on
+
+    spec = SimpleNamespace(optimized={"target": target, "dtype": "fp16"})
+    assert derived_runs_on(spec, SimpleNamespace(names=[provider, "cpu"])) is derived

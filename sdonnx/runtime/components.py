@@ -7,15 +7,17 @@ import numpy as np
 from .session import Session
 
 log = logging.getLogger(__name__)
-# graphs fused for a GPU provider hold kernels the others lack (NhwcConv, GroupNorm, packed-QKV attention):
-# on another provider the fp32 base graph runs instead of failing at session creation
-TARGET_PROVIDERS = {"gpu": ("cuda",), "dml": ("dml",)}
+# graphs fused by onnxruntime's optimizer hold its contrib ops: a GPU target's need that provider's kernels
+# (NhwcConv, GroupNorm, packed-QKV attention) and OpenVINO/MIGraphX run none of them (their nodes would go to
+# the CPU provider). Elsewhere the fp32 base graph runs instead of failing or splitting at session creation.
+FUSED_GRAPH_PROVIDERS = {"cpu": ("cpu", "cuda", "dml"), "gpu": ("cuda",), "dml": ("dml",)}
 
 
 def derived_runs_on(spec, plan):
-    """Whether the component's derived graph (optimized/fp16/int8) can run on the plan's first provider."""
+    """Whether the component's derived graph (optimized/fp16/int8) can run on the plan's first provider;
+    a derived graph without fusions (fp16 or int8 alone) runs anywhere."""
     target = spec.optimized.get("target")
-    return target not in TARGET_PROVIDERS or plan.names[0] in TARGET_PROVIDERS[target]
+    return target is None or plan.names[0] in FUSED_GRAPH_PROVIDERS.get(target, ())
 
 
 class _Component:
