@@ -6,8 +6,9 @@ from pathlib import Path
 import click
 
 
-# the errors a user can cause; they print one line and exit non-zero, never a traceback
-USER_ERRORS = (ValueError, OSError)
+# the errors a user can cause; they print one line and exit non-zero, never a traceback. Running out of
+# memory is one: the user chose the size
+USER_ERRORS = (ValueError, OSError, MemoryError)
 
 
 def _user_errors():
@@ -15,6 +16,10 @@ def _user_errors():
 
 
 def _fail(error):
+    if isinstance(error, MemoryError):
+        from .limits import out_of_memory
+
+        error = out_of_memory("sdonnx", error)
     click.echo(f"error: {error}", err=True)
     sys.exit(2)
 
@@ -233,22 +238,46 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
     Every setting of the generation request is an option below."""
-    from .image import save_png
+    from .image import check_writable
     from .pipeline import Pipeline
 
+    saved = []
     try:
+        check_writable(outdir)  # before the model loads: an unwritable folder would lose every image
         request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields)
         if lowmem is None:
             lowmem = request.prompt.batch_count == 1
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir)
-        with _Progress("sampling") as progress:
-            result = pipe.generate(request, callback=progress.update)
-        for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
-            path = save_png(image, outdir, infotext, seed=seed_used)
-            click.echo(str(path))
+        _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {len(saved)} image(s) saved in {outdir}", err=True)
+        sys.exit(130)  # the shell's code for a SIGINT
+
+
+def _generate_and_save(pipe, request, outdir, saved):
+    """Generate batch by batch and save each batch as it finishes, so that Ctrl-C or an error keeps the
+    images already made. Seeds (and variation seeds) run on across batches as in one generate call."""
+    from .image import save_png
+    from .limits import MAX_BATCH_COUNT, check_range
+    from .request import random_seed
+
+    count, size = request.prompt.batch_count, request.prompt.batch_size
+    check_range("batch_count", count, 1, MAX_BATCH_COUNT)
+    first = {k: random_seed() if getattr(request.seeds, k) == -1 else getattr(request.seeds, k)
+             for k in ("seed", "subseed")}
+    with _Progress("sampling") as progress:
+        for n in range(count):
+            def report(done, total, n=n):  # one bar over every batch
+                progress.update(n * total + done, count * total)
+
+            batch = request.replace(batch_count=1, **{k: v + n * size for k, v in first.items()})
+            result = pipe.generate(batch, callback=report)
+            for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
+                saved.append(save_png(image, outdir, infotext, seed=seed_used))
+                click.echo(str(saved[-1]))
 
 
 @main.command("png-info")

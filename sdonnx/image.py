@@ -88,6 +88,21 @@ def save_png(
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(outdir: str | PathLike) -> Path:
+    """Make ``outdir`` (with its parents) and prove a file can be written there, before any work whose
+    images would be lost; an OSError naming the folder otherwise."""
+    outdir = Path(outdir)
+    probe = outdir / f".{uuid.uuid4().hex}.write-test"
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write images to {outdir}: {e.strerror or e}") from None
+    return outdir
+
+
 def next_sequence_number(outdir: str | PathLike, prefix: str = "") -> int:
     """One past the highest running number among ``outdir``'s files (A1111's get_next_sequence_number)."""
     start = f"{prefix}-" if prefix else ""

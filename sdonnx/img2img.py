@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from . import limits
 from .image import ImageError, flatten, open_image
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)")
@@ -82,9 +83,12 @@ def to_array(image):
 def outpaint_canvas(image, left=0, right=0, up=0, down=0):
     """Extend the canvas for outpainting: (bigger image with the new border filled from the edges,
     mask that is white on the new border). Sizes stay multiples of 8 by growing the border."""
-    image = flatten(image)
+    for name, value in (("left", left), ("right", right), ("up", up), ("down", down)):
+        limits.check_range(f"outpaint {name} margin", value, 0, limits.MAX_SIDE)
     width, height = image.width + left + right, image.height + up + down
     width8, height8 = -(-width // 8) * 8, -(-height // 8) * 8
+    limits.check_image(width8, height8, "outpaint canvas")
+    image = flatten(image)
     right, down = right + width8 - width, down + height8 - height
     canvas = resize_image(image, image.width, image.height, 0)
     canvas = ImageOps.expand(canvas, border=(left, up, right, down), fill=(0, 0, 0))

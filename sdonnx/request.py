@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import __version__
+from . import __version__, limits
 from .infotext import format_infotext, parse_infotext
 from .schedules import SCHEDULER_NAMES
 
@@ -532,6 +532,9 @@ class Plan:
 
 def _make_plan(request, manifest, model_sigmas):
     p, s = request.prompt, request.sampling
+    # sizes, counts and finite numbers first: nothing below (the init image's resize, the sigma tables, the
+    # noise) may allocate for a request over the limits
+    limits.check_generation({**request.to_kwargs(), **s.sampler_options}, manifest.native_size)
     _check_prompt(p, manifest)
     init = _init_plan(request.init, p, manifest)
     factor = manifest.vae_scale_factor

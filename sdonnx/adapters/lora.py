@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import limits
 from ..infotext import addnet_hash, sha256_file
 from . import networks
 from .names import PREFIXES, SDXL_ONLY_PREFIXES, Resolver, modules
@@ -60,8 +61,8 @@ class LoraRequest:
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
         try:
-            te = float(named.get("te", positional[0] if positional else 1.0))
-            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+            te = limits.finite("te", float(named.get("te", positional[0] if positional else 1.0)))
+            unet = limits.finite("unet", float(named.get("unet", positional[1] if len(positional) > 1 else te)))
         except ValueError as e:
             raise LoraError(f"<lora:{name}:{':'.join(args)}>: multipliers must be numbers ({e})") from e
         return cls(name, te, unet)

@@ -1,6 +1,7 @@
 """A1111 emphasis syntax: `(x)` x1.1, `[x]` /1.1, `(x:w)`, escapes, BREAK -> [(text, weight)]."""
 import re
 
+from .. import limits
 from .checks import check_prompt
 
 ROUND, SQUARE = 1.1, 1 / 1.1
@@ -79,6 +80,6 @@ def _split_break(text):
 
 def _weight(text):
     try:
-        return float(text)
+        return limits.finite("emphasis weight", float(text))
     except ValueError:
-        raise ValueError(f"emphasis weight {text!r} is not a number; write it like (word:1.2)") from None
+        raise ValueError(f"emphasis weight {text!r} is not a finite number; write it like (word:1.2)") from None

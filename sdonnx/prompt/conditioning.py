@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import limits
 from ..diffusion.denoiser import Cond, context_of
 from .attention import parse_attention
 from .extras import split_and
@@ -42,6 +43,9 @@ def tokenize_line(line, tokenizer, embeddings=None, emphasis="Original", backtra
     last_comma = -1
 
     def close(chunk):
+        if len(chunks) == limits.MAX_PROMPT_CHUNKS:
+            raise limits.LimitError(f"the prompt is longer than {limits.MAX_PROMPT_CHUNKS} chunks of {CHUNK} tokens "
+                                    f"(BREAK starts a new chunk): shorten it")
         pad = CHUNK - len(chunk.ids)
         chunk.ids = [tokenizer.bos_id, *chunk.ids, *[tokenizer.eos_id] * pad, tokenizer.eos_id]
         chunk.weights = [1.0, *chunk.weights, *[1.0] * pad, 1.0]
@@ -247,7 +251,11 @@ def encode_prompt(encoder, prompt, negative_prompt, steps, guidance=True, first_
     pass, the first pass's (see `schedule`). The negative prompt is encoded when guidance is on or the
     positive prompt composes parts."""
     parts = []
-    for text, weight in split_and(prompt):
+    sub_prompts = split_and(prompt)
+    if len(sub_prompts) > limits.MAX_PROMPT_PARTS:
+        raise limits.LimitError(f"the prompt has {len(sub_prompts)} AND parts, over the limit of "
+                                f"{limits.MAX_PROMPT_PARTS} (each is one more UNet conditioning)")
+    for text, weight in sub_prompts:
         sched = schedule(text, steps, first_pass_steps)
         z = encoder.encode_batch([t for _, t in sched])
         parts.append(([(end, z[t]) for end, t in sched], weight))

@@ -2,6 +2,7 @@
 import re
 from dataclasses import dataclass
 
+from .. import limits
 from .checks import check_prompt
 
 _AND = re.compile(r"\bAND\b")
@@ -29,7 +30,7 @@ def _weighted(part):
     colon = part.rfind(":")
     m = _WEIGHT.fullmatch(part, colon + 1) if colon >= 0 else None
     if m:
-        return part[:colon].rstrip(), float(m.group(1))
+        return part[:colon].rstrip(), limits.finite("AND weight", float(m.group(1)))
     return part.rstrip(), 1.0
 
 

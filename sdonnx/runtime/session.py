@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import limits
+
 log = logging.getLogger(__name__)
 
 # onnxruntime writes why a provider did not start to the process's stderr (file descriptor 2), not to
@@ -292,8 +294,17 @@ class Session:
         if self._plan.bind_device and not self._binding_failed:
             values = self._run_bound(session, cast, names, steady)
         if values is None:
-            values = session.run(names, cast)
+            values = self._run_plain(session, cast, names)
         return {n: (v.astype(np.float32) if v.dtype == np.float16 else v) for n, v in zip(names, values)}
+
+    def _run_plain(self, session, cast, names):
+        try:
+            return session.run(names, cast)
+        except Exception as error:  # noqa: BLE001 - only allocation failures become OutOfMemory
+            if not limits.is_allocation_failure(error):
+                raise
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in cast.items())
+            raise limits.out_of_memory(f"{self.name} ({shapes})", error) from error
 
     def _run_bound(self, session, cast, names, steady):
         """One run through an IO binding: steady inputs whose values did not change since the last call are
