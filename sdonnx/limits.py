@@ -163,12 +163,13 @@ def _image_size(image):
     later gives the error that names the file)."""
     from PIL import Image
 
+    from .image import ImageError, image_size
+
     if isinstance(image, Image.Image):
         return image.size
     try:
-        with Image.open(image) as opened:
-            return opened.size
-    except (OSError, ValueError, TypeError, Image.DecompressionBombError):
+        return image_size(image, "init image")
+    except ImageError:
         return None
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from ..request import MAX_SEED, GenerationRequest
 from ..samplers import resolve
-from .codec import decode_image
+from .codec import EncodedImage
 
 # A1111 request field -> the Pipeline.generate keywords it feeds
 GENERATE = {
@@ -235,8 +235,10 @@ def check_option(name, value):
         low, high = (1, 24) if name == "CLIP_stop_at_last_layers" else (0, MAX_SEED)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise TranslationError(422, f"{name} must be a whole number from {low} to {high}, got {value!r}")
-    elif name == "randn_source" and value not in RNG_SOURCES:
+    elif name == "randn_source" and (not isinstance(value, str) or value not in RNG_SOURCES):
         raise TranslationError(422, f"randn_source {value!r} is not one of {', '.join(RNG_SOURCES)}")
+    elif name == "tiling" and not isinstance(value, bool):
+        raise TranslationError(422, f"tiling must be true or false, got {value!r}")
     elif name == "emphasis" and value not in ("Original", "No norm", "None"):
         raise TranslationError(422, f"emphasis {value!r} is not one of Original, No norm, None")
     elif name in ("sigma_min", "sigma_max", "rho", "sdxl_refiner_high_aesthetic_score",
@@ -302,14 +304,15 @@ def _img2img(req, t):
         raise TranslationError(422, "img2img needs init_images: a list holding one base64-encoded image")
     if len(req.init_images) > 1:
         t.ignored.append("init_images[1:]")
-    t.kwargs.update(init_image=decode_image(req.init_images[0], "init_images[0]"), strength=req.denoising_strength,
+    # the images stay compressed while the job waits; run_plan decodes them when it runs
+    t.kwargs.update(init_image=EncodedImage(req.init_images[0], "init_images[0]"), strength=req.denoising_strength,
                     resize_mode=req.resize_mode)
     if req.mask is None:
         return
     blur = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
     if req.mask_blur is None and req.mask_blur_y != req.mask_blur_x:
         t.ignored.append("mask_blur_y")  # one blur radius for both directions here
-    t.kwargs.update(mask=decode_image(req.mask, "mask"), mask_blur=blur, inpainting_fill=req.inpainting_fill,
+    t.kwargs.update(mask=EncodedImage(req.mask, "mask"), mask_blur=blur, inpainting_fill=req.inpainting_fill,
                     inpaint_full_res=bool(req.inpaint_full_res), inpaint_full_res_padding=req.inpaint_full_res_padding,
                     inpainting_mask_invert=bool(req.inpainting_mask_invert))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
-from .. import __version__
+from .. import __version__, limits
 from ..image import read_infotext, save_png
 from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from ..infotext import parse_infotext
@@ -18,22 +18,21 @@ from ..request import GenerationRequest
 from ..samplers import SAMPLER_INFO
 from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
 from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
-from .codec import decode_bytes, decode_image, encode_png, latent_preview
+from .codec import EncodedImage, decode_bytes, decode_image, encode_png, latent_preview
 from .models import UnknownModel
 from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from .worker import QueueFull
 
 log = logging.getLogger(__name__)
 
-MAX_SIDE = 4096
-MAX_BATCH = 64
 
 
 class ApiError(Exception):
     """An A1111-style error answer: status code and detail."""
 
-    def __init__(self, status, detail):
+    def __init__(self, status, detail, headers=None):
         super().__init__(detail)
-        self.status_code, self.detail = status, detail
+        self.status_code, self.detail, self.headers = status, detail, headers
 
 
 @dataclass
@@ -51,6 +50,7 @@ class Plan:
     comments: list = field(default_factory=list)  # warnings for the response's info
     styles: list = field(default_factory=list)
     prompts: dict = field(default_factory=dict)  # prompt as sent -> prompt generated from (missing LoRAs)
+    batch_pixels: int = 0  # pixels of its largest batch (first pass or hires target)
 
 
 @dataclass
@@ -210,13 +210,32 @@ def plan_generation(state, req, mode):
     init = kwargs.get("init_image")  # img2img's size defaults to the init image's, floored to the latent grid
     width, height = (init.width // f * f, init.height // f * f) if init is not None else (manifest.native_size,) * 2
     kwargs["width"], kwargs["height"] = _check_size(kwargs.get("width") or width, kwargs.get("height") or height, f)
+    batch_pixels = _check_limits(kwargs, manifest)
     prompts = _without_missing_loras(kwargs, state.store.lora_names(), t.comments)
-    try:  # every user error before the job queues
-        GenerationRequest.from_kwargs(**kwargs).validate(manifest)
+    try:  # every user error before the job queues; the decoded images are dropped again until it runs
+        GenerationRequest.from_kwargs(**_decoded(kwargs)).validate(manifest)
     except ValueError as e:
         raise ApiError(422, str(e)) from None
     return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
-                t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts)
+                t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts,
+                batch_pixels=batch_pixels)
+
+
+def _check_limits(kwargs, manifest):
+    """The Pipeline's limits, checked before the job queues (each batch is checked again when it runs).
+    Returns the pixels of the job's largest batch."""
+    args = {k: v for k, v in kwargs.items() if k not in ("init_image", "mask")}  # the size is set: no image needed
+    try:
+        limits.check_generation(args, manifest.native_size)
+        width, height = limits.final_size(args, manifest.native_size)
+    except limits.LimitError as e:
+        raise ApiError(422, str(e)) from None
+    return width * height * kwargs["batch_size"]
+
+
+def _decoded(kwargs):
+    """The keywords with the request's images decoded (they wait in the queue compressed, as EncodedImage)."""
+    return {k: v.decode() if isinstance(v, EncodedImage) else v for k, v in kwargs.items()}
 
 
 def _without_missing_loras(kwargs, available, comments):
@@ -248,16 +267,17 @@ def _model_for(state, name):
 
 
 def _check_counts(req):
-    for name, value, top in (("steps", req.steps, 1000), ("batch_size", req.batch_size, MAX_BATCH),
-                             ("n_iter", req.n_iter, 1000)):
+    for name, value, top in (("steps", req.steps, limits.MAX_STEPS), ("batch_size", req.batch_size,
+                              limits.MAX_BATCH_SIZE), ("n_iter", req.n_iter, limits.MAX_BATCH_COUNT)):
         if not 1 <= value <= top:
             raise ApiError(422, f"{name} must be between 1 and {top}, got {value}")
 
 
 def _check_size(width, height, factor):
     for name, value in (("width", width), ("height", height)):
-        if value < factor or value > MAX_SIDE or value % factor:
-            raise ApiError(422, f"{name} {value} must be a multiple of {factor} between {factor} and {MAX_SIDE}")
+        if value < factor or value > limits.MAX_SIDE or value % factor:
+            raise ApiError(422, f"{name} {value} must be a multiple of {factor} between {factor} and "
+                                f"{limits.MAX_SIDE}")
     return width, height
 
 
@@ -267,7 +287,7 @@ def _check_size(width, height, factor):
 def run_plan(job, pipeline_for, plan, outdir):
     """Worker side: generate plan.n_iter batches (so /skip can drop one), encode them, save if asked."""
     pipe = pipeline_for(plan.entry)
-    kwargs = dict(plan.kwargs)
+    kwargs = _decoded(plan.kwargs)
     job.job_count = plan.n_iter
     images, seeds, infotexts, parameters = [], [], [], {}
     for n in range(plan.n_iter):
@@ -283,12 +303,24 @@ def run_plan(job, pipeline_for, plan, outdir):
         seeds += result.seeds
         infotexts += [_with_sent_prompt(text, plan.prompts) for text in result.infotexts]
         parameters = result.parameters
-    if plan.save and outdir is not None:
-        for image, seed, text in zip(images, seeds, infotexts):
-            save_png(image, Path(outdir) / f"{plan.mode}-images", text, seed=seed)
+    save_error = _save(plan, outdir, images, seeds, infotexts)
     encoded = [encode_png(image, text) for image, text in zip(images, infotexts)]
     return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "parameters": parameters,
-            "interrupted": job.stop}
+            "interrupted": job.stop, "save_error": save_error}
+
+
+def _save(plan, outdir, images, seeds, infotexts):
+    """Save the images when asked; a failure (disk full, folder gone) is returned, not raised: the client
+    still gets its images, and the error in `info`."""
+    if not plan.save or outdir is None:
+        return None
+    try:
+        for image, seed, text in zip(images, seeds, infotexts):
+            save_png(image, Path(outdir) / f"{plan.mode}-images", text, seed=seed)
+    except OSError as e:
+        log.warning("saving %s images to %s failed: %s", plan.mode, outdir, e)
+        return f"images not saved to {outdir}: {e.strerror or e}"
+    return None
 
 
 def _with_sent_prompt(text, prompts):
@@ -300,8 +332,13 @@ def _with_sent_prompt(text, prompts):
 
 
 async def _generate(state, plan, req, request):
-    job = state.worker.submit(lambda job, pipeline_for: run_plan(job, pipeline_for, plan, state.outdir), plan.mode,
-                              task_id=req.force_task_id)
+    # past four native-size images per batch, ONNX Runtime's arena would keep the job's peak: hand it back
+    large = plan.batch_pixels > 4 * plan.entry.manifest.native_size ** 2
+    try:
+        job = state.worker.submit(lambda job, pipeline_for: run_plan(job, pipeline_for, plan, state.outdir),
+                                  plan.mode, task_id=req.force_task_id, release=large)
+    except QueueFull as e:
+        raise ApiError(503, str(e), {"Retry-After": "10"}) from None
     outcome = await _wait(job, request)
     return {"images": outcome["images"] if req.send_images else [], "parameters": req.model_dump(),
             "info": json.dumps(_info(plan, req, outcome, job), ensure_ascii=False)}
@@ -348,6 +385,7 @@ def _info(plan, req, outcome, job):
         "job_timestamp": job.timestamp, "clip_skip": kw["clip_skip"],
         "is_using_inpainting_conditioning": plan.entry.manifest.is_inpaint, "version": f"sdonnx {__version__}",
         "ignored_fields": sorted(set(plan.ignored)), "interrupted": outcome["interrupted"],
+        **({"save_error": outcome["save_error"]} if outcome.get("save_error") else {}),
     }
 
 
@@ -390,22 +428,49 @@ def current_options(state):
 
 
 def apply_options(state, options):
-    """POST /options: switch the model, check the options generation reads, keep the rest as given."""
-    options = dict(options)
-    name = options.pop("sd_model_checkpoint", None)
+    """POST /options: only the options GET /options lists, each checked before any is stored (a bad value
+    kept would break every later request, for every client); the model switch last, once all are valid."""
+    if len(json.dumps(options)) > limits.MAX_OPTIONS_BYTES:
+        raise ApiError(413, f"options body is over {limits.MAX_OPTIONS_BYTES} bytes")
+    current = current_options(state)
+    unknown = sorted(set(options) - set(current))
+    if unknown:
+        raise ApiError(422, f"unknown option {', '.join(map(repr, unknown))}; this server has: "
+                            f"{', '.join(sorted(current))}")
+    checked = {}
     try:
-        for key in set(options) & set(OPTIONS):
-            check_option(key, options[key])
+        for key, value in options.items():
+            if key in OPTIONS:
+                checked[key] = check_option(key, value)
+            elif key in SERVER_OPTIONS:
+                checked[key] = SERVER_OPTIONS[key](value)
+            elif key != "sd_model_checkpoint" and value != current[key]:
+                raise ApiError(422, f"option {key} is read-only here (it is {current[key]!r})")
     except TranslationError as e:
         raise ApiError(e.status, str(e)) from None
+    name = options.get("sd_model_checkpoint")
     if name:
         try:
             state.store.select(name)
         except UnknownModel as e:
             raise ApiError(404, str(e)) from None
-    for key in ("sd_checkpoint_hash", "outdir_samples"):
-        options.pop(key, None)
-    state.options.update(options)
+    state.options.update(checked)
+
+
+def _samples_format(value):
+    if value != "png":
+        raise ApiError(422, f"samples_format {value!r}: this server saves png only")
+    return value
+
+
+def _live_previews(value):
+    if not isinstance(value, bool):
+        raise ApiError(422, f"live_previews_enable must be true or false, got {value!r}")
+    return value
+
+
+# settings of the server itself that POST /options may change, each with its check
+SERVER_OPTIONS = {"samples_format": _samples_format, "live_previews_enable": _live_previews}
 
 
 def _sampler_options(info):

@@ -13,10 +13,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from .. import __version__
+from .. import __version__, limits
+from ..image import check_writable
 from .api import ApiError, ServerState, build_router
 from .codec import BadImage
 from .models import ModelStore
+from .schemas import non_finite
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -27,12 +29,16 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
-               embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None):
+               embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
+               max_queue=limits.MAX_QUEUED_JOBS):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
     (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
+    max_queue: generation requests waiting behind the running one before new ones are refused (503).
     """
+    if outdir:  # found now, not when the first request's images are lost
+        check_writable(outdir)
     sources = [models] if isinstance(models, (str, Path)) else list(models)
     store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs)
     if load_pipeline is None:
@@ -46,7 +52,7 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
                                  hypernetwork_dir=store.hypernetwork_dir)
 
-    state = ServerState(store, Worker(load_pipeline), Path(outdir) if outdir else None)
+    state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -67,8 +73,15 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
     if cors_allow_origins or cors_allow_origins_regex:  # outermost: preflights need no credentials
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_allow_origins or ()),
                            allow_origin_regex=cors_allow_origins_regex, allow_methods=["*"], allow_headers=["*"],
-                           allow_credentials=True)
+                           allow_credentials=_credentials_allowed(cors_allow_origins, cors_allow_origins_regex))
     return app
+
+
+def _credentials_allowed(origins, regex):
+    """Browsers send cookies and cached basic auth cross-origin only to origins named one by one: with a
+    wildcard or a pattern, any site the user visits could call the API as them. (A client that sets its
+    own Authorization header needs no credentials mode.)"""
+    return not regex and "*" not in origins
 
 
 def _add_page(app):
@@ -82,15 +95,16 @@ def _add_page(app):
 # ---------------------------------------------------------------------------- errors
 
 
-def _error(status, error, detail):
+def _error(status, error, detail, headers=None):
     """A1111's error body (modules/api/api.py handle_exception), without a traceback."""
-    return JSONResponse(status_code=status, content={"error": error, "detail": detail, "body": "", "errors": detail})
+    return JSONResponse(status_code=status, content={"error": error, "detail": detail, "body": "", "errors": detail},
+                        headers=headers)
 
 
 def _add_error_handlers(app):
     @app.exception_handler(ApiError)
     async def api_error(request, e):
-        return _error(e.status_code, "HTTPException", e.detail)
+        return _error(e.status_code, "HTTPException", e.detail, e.headers)
 
     @app.exception_handler(BadImage)
     async def bad_image(request, e):
@@ -112,9 +126,10 @@ def _add_error_handlers(app):
 
 
 def _short(err):
-    """A validation error without echoing a long input (a whole base64 image) back."""
+    """A validation error without echoing a long input (a whole base64 image) back, nor one JSON cannot carry."""
     err = {k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")}
-    if not isinstance(err.get("input"), (int, float, bool)) and len(repr(err.get("input"))) > 200:
+    value = err.get("input")
+    if non_finite(value) or (not isinstance(value, (int, float, bool)) and len(repr(value)) > 200):
         err.pop("input")
     return err
 
@@ -140,8 +155,12 @@ class BasicAuth:
         self.app, self.credentials = app, credentials
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._allowed(scope):
+        # every connection is checked (websockets too); only the server's own lifespan events pass
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # closing before accepting answers the handshake with 403
+            await receive()
+            return await send({"type": "websocket.close", "code": 1008})
         response = JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Basic realm="sdonnx"'})
         await response(scope, receive, send)

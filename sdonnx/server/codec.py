@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from ..image import ImageError, open_image
+from ..image import ImageError, image_size, open_image
 
 # A1111 "Approx cheap" live preview: SD 1.x/2.x latent channels -> RGB (sd_vae_approx.cheap_approximation)
 _CHEAP_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
@@ -39,6 +39,29 @@ def decode_bytes(data, field="image"):
         return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise BadImage(f"{field}: invalid base64 ({e})") from None
+
+
+class EncodedImage:
+    """A request's image kept as sent (base64, compressed) while its job waits in the queue: checked and
+    sized from its header now, its pixels decoded when the job runs (decode())."""
+
+    def __init__(self, data, field="image"):
+        try:
+            self.size = image_size(decode_bytes(data, field), field)
+        except ImageError as e:
+            raise BadImage(str(e)) from None
+        self.data, self.field = data, field
+
+    @property
+    def width(self):
+        return self.size[0]
+
+    @property
+    def height(self):
+        return self.size[1]
+
+    def decode(self):
+        return decode_image(self.data, self.field)
 
 
 def decode_image(data, field="image"):

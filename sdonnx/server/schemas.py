@@ -2,15 +2,37 @@
 
 Fields A1111 does not have are accepted too (clients send extension fields) and reported in `ignored_fields`.
 """
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+def non_finite(value, path="body"):
+    """The path of the first NaN or infinity in a parsed JSON value (Python's json reads NaN, Infinity), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if found:
+            return found
+    return None
 
 
 class _Common(BaseModel):
     """The fields A1111's txt2img and img2img requests share."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data):
+        # NaN passes every range check, gives a NaN image and a response JSON cannot carry: refused here
+        found = non_finite(data)
+        if found:
+            raise ValueError(f"{found} is not a finite number (NaN and infinity are refused)")
+        return data
 
     prompt: str = ""
     negative_prompt: str = ""
