@@ -89,12 +89,19 @@ def save_png(
 
 
 def check_writable(outdir: str | PathLike) -> Path:
-    """Make ``outdir`` (with its parents) and prove a file can be written there, before any work whose
-    images would be lost; an OSError naming the folder otherwise."""
+    """Prove images can be saved in ``outdir`` before any work whose images would be lost: a file is created
+    and removed there, or, while the folder does not exist yet (it is made with the first image), its
+    nearest existing parent must be a folder we may write. An OSError naming the folder otherwise."""
     outdir = Path(outdir)
-    probe = outdir / f".{uuid.uuid4().hex}.write-test"
+    parent = next(p for p in (outdir, *outdir.parents) if p.exists() or p == p.parent)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
+        if parent != outdir:
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"{parent} is not writable")
+            return outdir
+        probe = outdir / f".{uuid.uuid4().hex}.write-test"
         with open(probe, "xb"):
             pass
         probe.unlink()

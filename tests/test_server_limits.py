@@ -200,6 +200,7 @@ def test_unwritable_outdir_is_found_at_start_up(models_root, tmp_path):
 
 def test_save_error_still_returns_the_images(models_root, fake, tmp_path):
     outdir = tmp_path / "out"
+    outdir.mkdir()
     with LiveServer(create_app(models_root, outdir=outdir, load_pipeline=lambda path: fake)) as live:
         outdir.rmdir()  # the folder goes away (unmounted, deleted) while the server runs
         outdir.write_text("now a file")
