@@ -72,6 +72,7 @@ def test_nan_and_infinity_are_refused(nothing_runs, args, name):
 @pytest.mark.parametrize("prompt, words", [
     ("<lora:detail:nan>", "finite"),
     ("<lora:detail:1:inf>", "finite"),
+    ("<hypernet:detail:inf>", "multiplier 'inf' is not a number"),
     ("(cat:" + "9" * 400 + ")", "emphasis weight"),  # float("9" * 400) is inf
     ("cat AND dog :" + "9" * 400, "AND weight"),
 ])

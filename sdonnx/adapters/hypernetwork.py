@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import limits
 from .torch_pickle import UnsafePickleError, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def hypernet_requests(extra_networks):
         if network.kind != "hypernet":
             continue
         try:
-            multiplier = float(network.args[0]) if network.args else 1.0
+            multiplier = limits.finite("multiplier", float(network.args[0])) if network.args else 1.0
         except ValueError:
             raise HypernetworkError(f"<hypernet:{network.name}:{':'.join(network.args)}>: the multiplier "
                                     f"{network.args[0]!r} is not a number") from None
