@@ -258,26 +258,17 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
 
 
 def _generate_and_save(pipe, request, outdir, saved):
-    """Generate batch by batch and save each batch as it finishes, so that Ctrl-C or an error keeps the
-    images already made. Seeds (and variation seeds) run on across batches as in one generate call."""
+    """Generate, saving each batch as soon as it is decoded, so that Ctrl-C or an error keeps the images
+    already made."""
     from .image import save_png
-    from .limits import MAX_BATCH_COUNT, check_range
-    from .request import random_seed
 
-    count, size = request.prompt.batch_count, request.prompt.batch_size
-    check_range("batch_count", count, 1, MAX_BATCH_COUNT)
-    first = {k: random_seed() if getattr(request.seeds, k) == -1 else getattr(request.seeds, k)
-             for k in ("seed", "subseed")}
+    def save(images, seeds, infotexts):
+        for image, seed, infotext in zip(images, seeds, infotexts):
+            saved.append(save_png(image, outdir, infotext, seed=seed))
+            click.echo(str(saved[-1]))
+
     with _Progress("sampling") as progress:
-        for n in range(count):
-            def report(done, total, n=n):  # one bar over every batch
-                progress.update(n * total + done, count * total)
-
-            batch = request.replace(batch_count=1, **{k: v + n * size for k, v in first.items()})
-            result = pipe.generate(batch, callback=report)
-            for image, seed_used, infotext in zip(result.images, result.seeds, result.infotexts):
-                saved.append(save_png(image, outdir, infotext, seed=seed_used))
-                click.echo(str(saved[-1]))
+        pipe.generate(request, callback=progress.update, on_batch=save)
 
 
 @main.command("png-info")

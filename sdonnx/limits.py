@@ -81,6 +81,13 @@ def finite(name, value, allow_inf=False):
     return float(value)
 
 
+def check_max(name, value, high):
+    """A finite number at most `high`; the lower bounds (positive, whole) are the request's own checks."""
+    if finite(name, value) > high:
+        raise LimitError(f"{name} {value} is over the limit of {high}")
+    return value
+
+
 def check_range(name, value, low, high):
     """A finite number in [low, high] (a whole-number check stays with the caller)."""
     if not low <= finite(name, value) <= high:
@@ -124,14 +131,14 @@ def check_generation(args, native_size):
     them. Raises LimitError before anything is allocated."""
     check_numbers(args)
     steps, batch_size, batch_count = args.get("steps", 20), args.get("batch_size", 1), args.get("batch_count", 1)
-    check_range("steps", steps, 1, MAX_STEPS)
-    check_range("hires_steps", args.get("hires_steps", 0), 0, MAX_STEPS)
-    check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE)
-    check_range("batch_count", batch_count, 1, MAX_BATCH_COUNT)
+    check_max("steps", steps, MAX_STEPS)
+    check_max("hires_steps", args.get("hires_steps", 0), MAX_STEPS)
+    check_max("batch_size", batch_size, MAX_BATCH_SIZE)
+    check_max("batch_count", batch_count, MAX_BATCH_COUNT)
     for name in ("mask_blur", "inpaint_full_res_padding"):
-        check_range(name, args.get(name, 0), 0, MAX_MARGIN)
+        check_max(name, args.get(name, 0), MAX_MARGIN)
     for name in ("seed_resize_from_w", "seed_resize_from_h"):  # 0 or less: off
-        check_range(name, args.get(name, 0), -1, MAX_SIDE)
+        check_max(name, args.get(name, 0), MAX_SIDE)
     width, height = final_size(args, native_size)
     check_job(width, height, batch_size, batch_count)
 
@@ -176,8 +183,8 @@ def _image_size(image):
 def _hires_size(args, width, height):
     """The hires fix target as img2img.hires_plan makes it (scale, or hires_width/hires_height)."""
     hires_width, hires_height = args.get("hires_width", 0), args.get("hires_height", 0)
-    check_range("hires_width", hires_width, 0, MAX_SIDE)
-    check_range("hires_height", hires_height, 0, MAX_SIDE)
+    check_max("hires_width", hires_width, MAX_SIDE)
+    check_max("hires_height", hires_height, MAX_SIDE)
     if hires_width or hires_height:
         return hires_width or int(width * hires_height / height), hires_height or int(height * hires_width / width)
     scale = finite("hires_scale", args.get("hires_scale", 2.0))

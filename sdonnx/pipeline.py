@@ -256,7 +256,7 @@ class Pipeline:
     # ------------------------------------------------------------------ generate
 
     def generate(self, prompt="", negative_prompt=None, *, latents=None, callback=None, noise_sampler=None,
-                 preview=None, **settings):
+                 preview=None, on_batch=None, **settings):
         """txt2img, img2img and inpainting, with optional hires fix and refiner -> GenerationResult.
 
         Takes a `sdonnx.GenerationRequest` (`pipe.generate(request)`), or its keywords
@@ -270,12 +270,13 @@ class Pipeline:
         callback(step, total) after every sampler step (raise Interrupted to stop: the result then holds the
         finished batches plus the current one decoded from its last x0 estimate, result.interrupted True);
         noise_sampler(sigma, sigma_next) overrides the first pass's per-step noise; preview(denoised) gets
-        each step's x0 estimate [batch_size, C, H/f, W/f].
+        each step's x0 estimate [batch_size, C, H/f, W/f]; on_batch(images, seeds, infotexts) gets each batch
+        as soon as it is decoded (the CLI saves it then, so an interrupt keeps the finished batches).
         """
         self._ran = {}
         request = _request(prompt, negative_prompt, settings)
         plan = request.validate(self.manifest, self.model_sigmas)
-        hooks = _Hooks(_check_latents(latents, plan, request.prompt), callback, noise_sampler, preview)
+        hooks = _Hooks(_check_latents(latents, plan, request.prompt), callback, noise_sampler, preview, on_batch)
         refiner = self._refiner(request.refiner.refiner)
         job = self._prepare(request, plan, refiner)
         return self._run(request, plan, job, hooks)
@@ -332,6 +333,8 @@ class Pipeline:
                 result.images += self._images(x, request, plan, job)
                 result.seeds += seeds
                 result.infotexts += [request.infotext(plan, n * size + j, params=params) for j in range(size)]
+                if hooks.on_batch is not None:
+                    hooks.on_batch(result.images[-size:], seeds, result.infotexts[-size:])
             if result.interrupted:
                 break
         self._release("vae_decoder", "vae_encoder")
@@ -506,6 +509,7 @@ class _Hooks:
     callback: object
     noise_sampler: object
     preview: object
+    on_batch: object = None
 
 
 @dataclass(frozen=True)
