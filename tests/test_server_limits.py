@@ -135,7 +135,8 @@ def test_queued_images_stay_encoded(models_root, fake):
     kept 2.8 GB); the Pipeline still gets a decoded image."""
     app = create_app(models_root, load_pipeline=lambda path: fake)
     image = _png_b64(Image.new("RGB", (64, 48), (200, 40, 40)))
-    plan = plan_generation(app.state.sdonnx, Img2ImgRequest(init_images=[image], mask=image, steps=2), "img2img")
+    mask = _png_b64(Image.new("L", (64, 48), 255))
+    plan = plan_generation(app.state.sdonnx, Img2ImgRequest(init_images=[image], mask=mask, steps=2), "img2img")
     for name in ("init_image", "mask"):
         assert isinstance(plan.kwargs[name], EncodedImage) and not isinstance(plan.kwargs[name], Image.Image)
     assert plan.kwargs["init_image"].size == (64, 48) and (plan.kwargs["width"], plan.kwargs["height"]) == (64, 48)
