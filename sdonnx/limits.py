@@ -82,10 +82,14 @@ def finite(name, value, allow_inf=False):
 
 
 def check_max(name, value, high):
-    """A finite number at most `high`; the lower bounds (positive, whole) are the request's own checks."""
-    if finite(name, value) > high:
+    """A number at most `high`; the lower bounds, types and whole numbers are the request's own checks."""
+    if _number(value) and finite(name, value) > high:
         raise LimitError(f"{name} {value} is over the limit of {high}")
     return value
+
+
+def _number(value):
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def check_range(name, value, low, high):
@@ -97,6 +101,8 @@ def check_range(name, value, low, high):
 
 def check_image(width, height, what="image", count=1):
     """Each side at most MAX_SIDE, and count images of this size at most MAX_BATCH_PIXELS."""
+    if not all(_number(v) for v in (width, height, count)):
+        return  # a size that is not a number is the request's own error to name
     for name, value in ((f"{what} width", width), (f"{what} height", height)):
         if finite(name, value) > MAX_SIDE:
             raise LimitError(f"{name} {value} is over the limit of {MAX_SIDE} pixels")
@@ -107,6 +113,8 @@ def check_image(width, height, what="image", count=1):
 
 
 def check_job(width, height, batch_size, batch_count):
+    if not all(_number(v) for v in (width, height, batch_size, batch_count)):
+        return
     pixels = width * height * batch_size * batch_count
     if pixels > MAX_JOB_PIXELS:
         raise LimitError(f"{batch_count} batches of {batch_size} x {width}x{height} are {pixels:.0f} pixels, over the "
@@ -148,7 +156,7 @@ def final_size(args, native_size):
     batch_size = args.get("batch_size", 1)
     width, height = _size(args, native_size)
     check_image(width, height, "image", batch_size)
-    if args.get("hires"):
+    if args.get("hires") and _number(width) and _number(height):
         width, height = _hires_size(args, width, height)
         check_image(width, height, "hires fix target", batch_size)
     return width, height
