@@ -192,10 +192,8 @@ class SeedPart(_Part):
 
     def image_params(self, plan, index):
         """Each image's own seed, and its variation seed when one is in use (A1111)."""
-        params = {"Seed": plan.seed + index}
-        if plan.subseed is not None:
-            params["Variation seed"] = plan.subseed + index
-        return params
+        seed, subseed = plan.image_seeds(index)
+        return {"Seed": seed} if subseed is None else {"Seed": seed, "Variation seed": subseed}
 
     @classmethod
     def read(cls, params):
@@ -522,12 +520,17 @@ class Plan:
     hires_sigmas: object = None
     tiling: object = None  # "xy", "x", "y" or None
 
+    def image_seeds(self, index):
+        """(seed, variation seed or None) of image `index` of the job, as A1111: seed + index; with a
+        variation strength every image keeps the seed and the variation seed counts up instead."""
+        if self.subseed is None:
+            return self.seed + index, None
+        return self.seed, self.subseed + index
+
     def batch_seeds(self, n, batch_size):
-        """Seeds (and variation seeds, or None) of batch n: seed + image index, as A1111."""
-        first = n * batch_size
-        seeds = [self.seed + first + j for j in range(batch_size)]
-        subseeds = None if self.subseed is None else [self.subseed + first + j for j in range(batch_size)]
-        return seeds, subseeds
+        """Seeds (and variation seeds, or None) of batch n."""
+        seeds, subseeds = zip(*(self.image_seeds(n * batch_size + j) for j in range(batch_size)))
+        return list(seeds), None if self.subseed is None else list(subseeds)
 
 
 def _make_plan(request, manifest, model_sigmas):

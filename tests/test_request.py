@@ -216,3 +216,16 @@ def test_writer_keeps_a1111_key_order():
     assert text == format_infotext("p", "", {"Steps": 3, "Sampler": "Euler a", "Schedule type": "Uniform",
                                              "CFG scale": 7.0, "Seed": 4, "Size": (64, 64), "Model": "m",
                                              "RNG": "NV", "ENSD": 5, "Version": f"sdonnx {sdonnx.__version__}"})
+
+
+def test_variation_seeds_keep_the_seed_and_count_the_variation_seed(pipe):
+    """A1111: image i uses seed + i, but with a variation strength every image keeps the seed and the
+    variation seed counts up (all_seeds / all_subseeds)."""
+    plain = pipe.generate("a cat", steps=1, seed=9, width=64, height=64, batch_size=2, batch_count=2)
+    assert plain.seeds == [9, 10, 11, 12]
+    varied = pipe.generate("a cat", steps=1, seed=9, width=64, height=64, batch_size=2, batch_count=2, subseed=4,
+                           subseed_strength=0.3)
+    assert varied.seeds == [9, 9, 9, 9]
+    assert [t.count("Seed: 9,") for t in varied.infotexts] == [1] * 4
+    assert ["Variation seed: %d," % s in t for s, t in zip((4, 5, 6, 7), varied.infotexts)] == [True] * 4
+    assert len({im.tobytes() for im in varied.images}) == 4  # the variation seeds differ, so do the images

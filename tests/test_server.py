@@ -175,6 +175,17 @@ def _wait_idle(client, timeout=20):
 # ---------------------------------------------------------------------------- API
 
 
+def test_variation_seeds_keep_the_seed_across_iterations(client):
+    """A1111's all_seeds / all_subseeds: with a variation strength the seed stays, the variation seed counts."""
+    r = client.post(f"{API}/txt2img", json={"prompt": "a cat", "steps": 1, "width": 64, "height": 64, "seed": 7,
+                                            "subseed": 40, "subseed_strength": 0.3, "batch_size": 2, "n_iter": 2})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["all_seeds"] == [7, 7, 7, 7] and info["all_subseeds"] == [40, 41, 42, 43]
+    for text, subseed in zip(info["infotexts"], info["all_subseeds"]):
+        assert "Seed: 7," in text and f"Variation seed: {subseed}," in text
+
+
 def test_a1111_client_payload_unchanged(client):
     """What an A1111 API client sends and reads, as it does with A1111 (the wiki's example flow)."""
     r = client.post(f"{API}/txt2img", json=A1111_CLIENT_PAYLOAD)

@@ -294,10 +294,13 @@ def run_plan(job, pipeline_for, plan, outdir):
         if job.stop:
             break
         job.next_iteration(n)
-        offset = n * plan.batch_size  # seeds (and subseeds) run on across iterations, as in one A1111 call
+        # seeds run on across iterations as in one A1111 call; with a variation strength the variation
+        # seeds do and the seed stays
+        offset = n * plan.batch_size
         if "subseed" in kwargs:
             kwargs["subseed"] = plan.kwargs["subseed"] + offset
-        result = pipe.generate(**kwargs, seed=plan.seed + offset, batch_size=plan.batch_size,
+        seed = plan.seed if "subseed" in kwargs else plan.seed + offset
+        result = pipe.generate(**kwargs, seed=seed, batch_size=plan.batch_size,
                                batch_count=1, callback=job.callback, preview=job.preview)
         images += result.images
         seeds += result.seeds
