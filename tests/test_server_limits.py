@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_server import API, LiveServer, _cached_tiny_model, models_root  # noqa: E402,F401
+from test_server import API, LiveServer, models_root  # noqa: E402,F401  (models_root: the fixture)
 
 from sdonnx import limits  # noqa: E402
 from sdonnx.cli import main  # noqa: E402
