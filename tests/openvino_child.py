@@ -7,6 +7,7 @@ each component ran, the infotexts' equality, a digest of the OpenVINO images, th
 in OpenVINO's cache after the run, plus the graph nodes that fell back from OpenVINO to the CPU
 provider (from onnxruntime's profile of the first run)."""
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -26,11 +27,14 @@ def _images(result):
 def _profiled(folder):
     """session_options with onnxruntime's profiler on (it records the provider of every node run)."""
     plain = session_mod.session_options
+    sessions = itertools.count()
 
     def options(plan):
         made = plain(plan)
         made.enable_profiling = True
-        made.profile_file_prefix = str(Path(folder) / "profile")
+        # one prefix per session: onnxruntime names the file by the second, and two sessions created in the
+        # same second wrote into one file (JSONDecodeError: Extra data)
+        made.profile_file_prefix = str(Path(folder) / f"profile-{next(sessions)}")
         return made
 
     return options
