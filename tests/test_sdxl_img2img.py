@@ -34,6 +34,8 @@ def _spy_time_ids(pipe):
     call = unet.__call__
 
     class Spy:
+        session = unet.session  # the pipeline reports the provider each component's session ran on
+
         def __call__(self, *args, **added):
             seen.append(added["time_ids"].copy())
             return call(*args, **added)
