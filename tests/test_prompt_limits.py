@@ -6,7 +6,7 @@ minutes, and a run of whitespace took time quadratic in its length in the AND sp
 import random
 import re
 import signal
-import time
+import tracemalloc
 from contextlib import contextmanager
 
 import pytest
@@ -91,11 +91,13 @@ def test_deep_nesting_is_a_clear_error_in_every_parser():
 
 def test_overlong_prompt_is_a_clear_error_before_any_work():
     text = "a, " * 400_000  # 1.2M characters: 23 s and 4.7 GB before the limit
-    start = time.perf_counter()
+    tracemalloc.start()
     for parse in (extract_networks, split_and, parse_attention):
         with pytest.raises(PromptError, match=f"{len(text)} characters long; at most {MAX_PROMPT_CHARS}"):
             parse(text)
-    assert time.perf_counter() - start < 1
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < len(text)  # refused before any copy or split of the text (4.7 GB before the limit)
     parse_all("a" * MAX_PROMPT_CHARS)  # the limit itself is allowed
 
 
@@ -118,7 +120,6 @@ def test_fuzz_every_random_prompt_parses_in_bounded_time():
     parser within 2 s (about 5 ms here). The only errors allowed are clear ones: nesting past the limit,
     or an emphasis weight that is not a number, like `(a:.)`."""
     refused = 0
-    started = time.perf_counter()
     prompts = _random_prompts(16, 1000, 400) + _random_prompts(17, 1000, 100, OPENERS)
     for text in prompts:
         with deadline(2):
@@ -128,7 +129,6 @@ def test_fuzz_every_random_prompt_parses_in_bounded_time():
                 assert isinstance(e, PromptError) or str(e).startswith("emphasis weight"), e
                 refused += 1
     assert refused < 1000  # most are parsed, not refused
-    assert time.perf_counter() - started < 120  # about 6 s here
 
 
 _OLD_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")  # before issue 16
