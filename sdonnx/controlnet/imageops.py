@@ -1,0 +1,246 @@
+"""The image operations ControlNet preprocessors are made of, as OpenCV computes them.
+
+sd-webui-controlnet calls OpenCV for every one of them. When OpenCV is installed (the `sdonnx[opencv]` extra) the
+public functions here call it, so results equal the extension's; otherwise they run the numpy re-statements below
+(`*_np`), which follow OpenCV's definitions (kernel sizes, sampling grids, border rules) and differ from it only by
+OpenCV's fixed-point rounding. tests/test_controlnet_preprocess.py states by how much.
+
+Images are numpy arrays [H, W] or [H, W, C], uint8 unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEAREST, LINEAR, CUBIC, AREA = "nearest", "linear", "cubic", "area"
+_CUBIC_A = -0.75  # OpenCV's bicubic kernel parameter (PIL uses -0.5)
+
+
+def opencv():
+    """The cv2 module, or None when OpenCV is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+# ----------------------------------------------------------------------------------------------- resize
+def resize(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """cv2.resize(img, size=(width, height), interpolation) for NEAREST, LINEAR, CUBIC or AREA."""
+    cv2 = opencv()
+    if cv2 is None:
+        return resize_np(img, size, interpolation)
+    flags = {NEAREST: cv2.INTER_NEAREST, LINEAR: cv2.INTER_LINEAR, CUBIC: cv2.INTER_CUBIC, AREA: cv2.INTER_AREA}
+    out = cv2.resize(img, size, interpolation=flags[interpolation])
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
+
+
+def resize_np(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """`resize` in numpy: one sampling matrix per axis, applied in float32."""
+    width, height = size
+    h, w = img.shape[:2]
+    both_shrink = height <= h and width <= w
+    rows = _sampling_matrix(interpolation, h, height, both_shrink)
+    cols = _sampling_matrix(interpolation, w, width, both_shrink)
+    y = _separable(img.astype(np.float32), rows, cols)
+    if interpolation == AREA and h % height == 0 and w % width == 0:
+        y += 1e-3  # OpenCV averages whole blocks in integers, rounding halves up
+    return _saturate(y, img.dtype)
+
+
+def _sampling_matrix(interpolation, n_src, n_dst, both_shrink):
+    """weights: [n_dst, n_src]; row i says how output pixel i mixes the input pixels of one axis."""
+    if interpolation == NEAREST:
+        src = np.minimum(np.floor(np.arange(n_dst) * (n_src / n_dst)).astype(np.int64), n_src - 1)
+        return _scatter(n_dst, n_src, src[:, None], np.ones((n_dst, 1)))
+    if interpolation == AREA:
+        # OpenCV averages pixel areas only when neither axis grows; otherwise it interpolates linearly
+        # with its own "area" coefficients
+        return _area_matrix(n_src, n_dst) if both_shrink else _area_zoom_matrix(n_src, n_dst)
+    if interpolation == LINEAR:
+        return _linear_matrix(n_src, n_dst)
+    if interpolation == CUBIC:
+        return _cubic_matrix(n_src, n_dst)
+    raise ValueError(f"unknown interpolation {interpolation!r}; valid: {NEAREST}, {LINEAR}, {CUBIC}, {AREA}")
+
+
+def _scatter(n_dst, n_src, index, weight):
+    """A [n_dst, n_src] matrix from per-row source indices and weights (repeated indices add up)."""
+    m = np.zeros((n_dst, n_src), dtype=np.float64)
+    rows = np.broadcast_to(np.arange(n_dst)[:, None], index.shape)
+    np.add.at(m, (rows, np.clip(index, 0, n_src - 1)), weight)
+    return m
+
+
+def _area_matrix(n_src, n_dst):
+    """Each output pixel is the mean of the input it covers, partly covered pixels by the covered fraction."""
+    scale = n_src / n_dst
+    start = np.arange(n_dst)[:, None] * scale
+    lo = np.arange(n_src)[None, :]
+    overlap = np.minimum(lo + 1, start + scale) - np.maximum(lo, start)
+    return np.clip(overlap, 0, None) / scale
+
+
+def _area_zoom_matrix(n_src, n_dst):
+    scale = n_src / n_dst
+    dst = np.arange(n_dst)
+    sx = np.floor(dst * scale).astype(np.int64)
+    fx = (dst + 1) - (sx + 1) / scale
+    fx = np.where(fx <= 0, 0.0, fx - np.floor(fx))
+    fx = np.where(sx + 1 >= n_src, 0.0, fx)
+    return _scatter(n_dst, n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
+
+
+def _linear_matrix(n_src, n_dst):
+    fx = (np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5
+    sx = np.floor(fx).astype(np.int64)
+    fx -= sx
+    # OpenCV clamps the sampling position into the image
+    fx = np.where(sx < 0, 0.0, fx)
+    sx = np.maximum(sx, 0)
+    fx = np.where(sx >= n_src - 1, 0.0, fx)
+    return _scatter(n_dst, n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
+
+
+def _cubic_matrix(n_src, n_dst):
+    fx = (np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5
+    sx = np.floor(fx).astype(np.int64)
+    fx -= sx
+    a = _CUBIC_A
+    w0 = ((a * (fx + 1) - 5 * a) * (fx + 1) + 8 * a) * (fx + 1) - 4 * a
+    w1 = ((a + 2) * fx - (a + 3)) * fx * fx + 1
+    w2 = ((a + 2) * (1 - fx) - (a + 3)) * (1 - fx) * (1 - fx) + 1
+    w3 = 1 - w0 - w1 - w2
+    index = sx[:, None] + np.arange(-1, 3)[None, :]  # neighbours past the border repeat the border pixel
+    return _scatter(n_dst, n_src, index, np.stack([w0, w1, w2, w3], 1))
+
+
+def _separable(x, rows, cols):
+    """rows @ x @ cols.T over the two image axes of x: [H, W] or [H, W, C] float32."""
+    y = np.tensordot(rows.astype(np.float32), x, axes=(1, 0))
+    y = np.tensordot(cols.astype(np.float32), y, axes=(1, 1))  # [W', H', C...]
+    return np.swapaxes(y, 0, 1)
+
+
+def _saturate(x, dtype):
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- blur
+def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """cv2.GaussianBlur(img, (0, 0), sigma): kernel size from sigma, mirrored borders (BORDER_REFLECT_101)."""
+    cv2 = opencv()
+    if cv2 is None:
+        return gaussian_blur_np(img, sigma)
+    out = cv2.GaussianBlur(img, (0, 0), float(sigma))
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
+
+
+def gaussian_blur_np(img: np.ndarray, sigma: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    # OpenCV sizes the kernel to 3 sigmas for 8-bit images and 4 for float ones
+    radius_sigmas = 3 if img.dtype == np.uint8 else 4
+    ksize = int(np.rint(sigma * radius_sigmas * 2 + 1)) | 1
+    rows = _convolution_matrix(_gaussian_kernel(ksize, sigma), h)
+    cols = _convolution_matrix(_gaussian_kernel(ksize, sigma), w)
+    return _saturate(_separable(img.astype(np.float32), rows, cols), img.dtype)
+
+
+def _gaussian_kernel(ksize, sigma):
+    x = np.arange(ksize) - (ksize - 1) * 0.5
+    k = np.exp(-0.5 * x * x / (sigma * sigma))
+    return k / k.sum()
+
+
+def _convolution_matrix(kernel, n):
+    """[n, n] matrix of a centred 1-D convolution with borders mirrored without repeating the edge pixel."""
+    radius = len(kernel) // 2
+    index = np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :]
+    return _scatter(n, n, reflect101(index, n), np.broadcast_to(kernel, index.shape))
+
+
+def reflect101(index: np.ndarray, n: int) -> np.ndarray:
+    """OpenCV's BORDER_REFLECT_101 index map (gfedcb|abcdefgh|gfedcba), also for offsets beyond one period."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * n - 2
+    i = np.abs(index) % period
+    return np.where(i >= n, period - i, i)
+
+
+# ----------------------------------------------------------------------------------------------- morphology
+def dilate(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """cv2.dilate(img, kernel) for a 3x3 0/1 kernel: the maximum over the kernel's pixels; outside the image
+    counts as nothing."""
+    cv2 = opencv()
+    if cv2 is None:
+        return _morph_np(img, kernel, np.maximum, np.iinfo(img.dtype).min if img.dtype == np.uint8 else -np.inf)
+    return _keep_channels(img, cv2.dilate(img, kernel.astype(np.uint8)))
+
+
+def erode(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """cv2.erode(img, kernel) for a 3x3 0/1 kernel: the minimum; outside the image counts as nothing."""
+    cv2 = opencv()
+    if cv2 is None:
+        return _morph_np(img, kernel, np.minimum, np.iinfo(img.dtype).max if img.dtype == np.uint8 else np.inf)
+    return _keep_channels(img, cv2.erode(img, kernel.astype(np.uint8)))
+
+
+def hit_or_miss(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """cv2.morphologyEx(img, MORPH_HITMISS, kernel) on a 0/255 [H, W] image; kernel 3x3 of 1 (must be set),
+    -1 (must be clear), 0 (either). Outside the image satisfies both."""
+    cv2 = opencv()
+    if cv2 is None:
+        return hit_or_miss_np(img, kernel)
+    return cv2.morphologyEx(img, cv2.MORPH_HITMISS, kernel.astype(np.int32))
+
+
+def hit_or_miss_np(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    fits = np.ones(img.shape, dtype=bool)
+    if (kernel == 1).any():
+        fits &= _morph_np(img, kernel == 1, np.minimum, 255) == 255
+    if (kernel == -1).any():
+        fits &= _morph_np(255 - img, kernel == -1, np.minimum, 255) == 255
+    return np.where(fits, 255, 0).astype(np.uint8)
+
+
+def _morph_np(img, kernel, combine, outside):
+    h, w = img.shape[:2]
+    padded = np.pad(img, [(1, 1), (1, 1)] + [(0, 0)] * (img.ndim - 2), constant_values=outside)
+    out = None
+    for dy, dx in zip(*np.nonzero(kernel)):
+        window = padded[dy:dy + h, dx:dx + w]
+        out = window.copy() if out is None else combine(out, window)
+    return out
+
+
+def _keep_channels(img, out):
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out
+
+
+def otsu_threshold(gray: np.ndarray) -> np.ndarray:
+    """cv2.threshold(gray, 0, 255, THRESH_BINARY | THRESH_OTSU)[1]: 255 above the threshold that best separates
+    the histogram into two classes (largest between-class variance), else 0. gray: uint8 [H, W]."""
+    cv2 = opencv()
+    if cv2 is None:
+        return np.where(gray > otsu_level_np(gray), 255, 0).astype(np.uint8)
+    return cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+
+
+def otsu_level_np(gray: np.ndarray) -> int:
+    p = np.bincount(gray.ravel(), minlength=256).astype(np.float64) / gray.size
+    i = np.arange(256)
+    q1 = np.cumsum(p)
+    q2 = 1.0 - q1
+    eps = np.finfo(np.float32).eps
+    valid = (np.minimum(q1, q2) >= eps) & (np.maximum(q1, q2) <= 1.0 - eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu1 = np.cumsum(i * p) / q1
+        mu2 = ((i * p).sum() - q1 * mu1) / q2
+        sigma = np.where(valid, q1 * q2 * (mu1 - mu2) ** 2, 0.0)
+    # OpenCV keeps the first level of the largest variance, and 0 when no level splits the histogram
+    return int(np.argmax(sigma)) if sigma.max() > 0 else 0
