@@ -29,11 +29,23 @@ def convert(source, outdir, force, family, prediction, dtype, optimize, target, 
     except ImportError as e:
         _fail(f"converting needs the torch side: pip install 'sdonnx[convert]' ({e})")
     try:
+        from .postprocess import convert_postprocess, looks_like_postprocess
+
+        if looks_like_postprocess(source):  # upscalers and face models: converters/postprocess
+            return _echo_postprocess(convert_postprocess(source, outdir, force=force, progress=_progress))
         optimize = optimize or target is not None
         target = target or ("gpu" if dtype == "fp16" else "cpu")
         manifest = run_convert(source, outdir, force=force, family=family, prediction=prediction, dtype=dtype,
                                optimize=target if optimize else None, quantize=quantize,
-                               progress=lambda message: click.echo(message, err=True))
+                               progress=_progress)
     except _user_errors() as e:
         _fail(e)
     click.echo(f"converted {manifest.name} ({manifest.family}, {manifest.prediction_type}) to {outdir}")
+
+
+def _progress(message):
+    click.echo(message, err=True)
+
+
+def _echo_postprocess(manifest):
+    click.echo(f"converted {manifest.name} ({manifest.kind}, {manifest.architecture}, {manifest.scale}x)")
