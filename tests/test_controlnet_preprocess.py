@@ -285,7 +285,157 @@ def test_out_of_range_parameters_take_the_defaults():
     assert cn.resolve_params("none", 4096, -1, -1)[0] == 512
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)])
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8),
+                                 np.zeros((0, 4), np.uint8)])
 def test_bad_images_are_refused(bad):
     with pytest.raises(ValueError, match="ControlNet images"):
         cn.preprocess("none", bad, 512, -1, -1)
+
+
+# ------------------------------------------------------------------------------------------- preprocessors
+def _ext_pad(img, res):
+    """scripts/utils.py resize_image_with_pad, restated: (padded image, remove_pad)."""
+    h_raw, w_raw = img.shape[:2]
+    k = res / min(h_raw, w_raw)
+    h, w = int(np.round(h_raw * k)), int(np.round(w_raw * k))
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    padded = np.pad(img, [[0, -h % 64], [0, -w % 64], [0, 0]], mode="edge")
+    return padded, lambda x: x[:h, :w]
+
+
+def _ext_canny(img, res, a, b):
+    img, unpad = _ext_pad(img, res)
+    return cv2.cvtColor(unpad(cv2.Canny(img, int(a), int(b))), cv2.COLOR_GRAY2RGB)
+
+
+def _ext_threshold(img, res, a, b):
+    img, unpad = _ext_pad(img, res)
+    out = np.zeros_like(img)
+    out[np.min(img, axis=2) > a] = 255
+    return unpad(out)
+
+
+def _ext_xdog(img, res, a, b):
+    img, unpad = _ext_pad(img, res)
+    g1 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
+    g2 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros_like(img)
+    out[2 * (255 - dog) > a] = 255
+    return unpad(out)
+
+
+def _ext_blur(img, res, a, b):
+    img, unpad = _ext_pad(img, res)
+    return cv2.GaussianBlur(unpad(img), (0, 0), float(a))
+
+
+def _ext_tile(img, res, a, b):
+    if a < 1.1:
+        return img
+    return cv2.resize(img, (int(img.shape[1] / a), int(img.shape[0] / a)), interpolation=cv2.INTER_AREA)
+
+
+def _ext_lineart_standard(img, res, a, b):
+    img, unpad = _ext_pad(img, res)
+    x = img.astype(np.float32)
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    intensity /= max(16, np.median(intensity[intensity > 8]))
+    intensity *= 127
+    return cv2.cvtColor(unpad(intensity.clip(0, 255).astype(np.uint8)), cv2.COLOR_GRAY2RGB)
+
+
+def _ext_color(img, res, a, b):
+    h, w = img.shape[:2]
+    size = (res, int(round(w / h * res))) if h < w else (int(round(h / w * res)), res)
+    img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    cells = cv2.resize(img, (size[1] // 64, size[0] // 64), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(cells, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def _ext_shuffle(img, res, seed):
+    """The extension's shuffle with numpy's global generator seeded as the extension seeds it."""
+    img, unpad = _ext_pad(img, res)
+    img = unpad(img)
+    h, w = img.shape[:2]
+    np.random.seed(seed)
+
+    def disk(f=256):
+        noise = np.random.uniform(low=0, high=1, size=((h // f) + 2, (w // f) + 2, 1))
+        noise = cv2.resize(noise, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)[f:f + h, f:f + w]
+        noise -= np.min(noise)
+        noise /= np.max(noise)
+        return noise[:, :, None]
+
+    flow = np.concatenate([disk() * float(w - 1), disk() * float(h - 1)], axis=2).astype(np.float32)
+    return cv2.remap(img, flow, None, cv2.INTER_LINEAR)
+
+
+# (module, reference, resolution, threshold_a, threshold_b, numpy tolerance: (max level difference, fraction of
+# values that may differ)). For the 0/255 maps the fraction counts differing pixels among the reference's white
+# (edge) pixels: they flip where the numpy resize rounds a level the other way (measured: at most 0.14% of canny's
+# edge pixels on the test images, 0 for most).
+_CASES = [
+    ("canny", _ext_canny, 96, 100, 200, (255, 0.01)),
+    ("canny", _ext_canny, 40, 30, 60, (255, 0.01)),
+    ("threshold", _ext_threshold, 72, 127, -1, (255, 0.01)),
+    ("scribble_xdog", _ext_xdog, 96, 32, -1, (255, 0.01)),
+    ("blur_gaussian", _ext_blur, 64, 3.0, -1, (1, 0.1)),
+    ("tile_resample", _ext_tile, 512, 2.5, -1, (1, 0.1)),
+    ("tile_resample", _ext_tile, 512, 1.05, -1, (0, 0)),
+    ("lineart_standard", _ext_lineart_standard, 80, -1, -1, (2, 0.05)),
+    ("color", _ext_color, 128, -1, -1, (2, 0.5)),  # two resizes in a row, cells of 64x64 share their error
+]
+
+
+@pytest.mark.parametrize("module,ref,res,a,b,tol", _CASES, ids=[f"{c[0]}-{c[2]}" for c in _CASES])
+def test_module_matches_the_extension(backend, module, ref, res, a, b, tol):
+    x = _photo(90, 120)
+    ours, expected = cn.preprocess(module, x, res, a, b), ref(x.copy(), res, a, b)
+    assert ours.dtype == np.uint8 and ours.shape == expected.shape
+    diff = np.abs(ours.astype(int) - expected.astype(int))
+    if backend == "opencv":
+        assert diff.max() == 0
+    elif tol[0] == 255:
+        assert np.count_nonzero(diff) / max(1, np.count_nonzero(expected)) <= tol[1]
+    else:
+        assert diff.max() <= tol[0] and np.count_nonzero(diff) / diff.size <= tol[1]
+
+
+def test_output_sizes_follow_the_processor_resolution():
+    x = _photo(90, 120)  # short side 90 -> 96: 128x96 (the work image is padded to 128x128 and cut back)
+    assert cn.preprocess("canny", x, 96, 100, 200).shape == (96, 128, 3)
+    assert cn.preprocess("scribble_xdog", x, 45, 32, -1).shape == (45, 60, 3)
+    assert cn.preprocess("tile_resample", x, 512, 2.0, -1).shape == (45, 60, 3)
+    assert cn.preprocess("invert", x, 96, -1, -1).shape == (90, 120, 3)
+
+
+def test_numpy_canny_is_opencvs():
+    """The numpy Canny against cv2.Canny on the same input: tolerance 0 differing pixels (it restates OpenCV's
+    integer Sobel, sector tests and tie rules exactly)."""
+    for img in (_photo(120, 160, 1), _photo(64, 96, 2)[:, :, 1], _edges(50, 70)):
+        for low, high in ((100, 200), (20, 40), (200, 100), (1, 255), (20.7, 40.2)):
+            ours, ref = imageops.canny_np(img, low, high), cv2.Canny(img, low, high)
+            assert np.count_nonzero(ours != ref) == 0 and np.count_nonzero(ref) > 0
+
+
+def test_shuffle_is_the_extensions_for_the_same_seed(backend):
+    x = _photo(90, 120)
+    ours, ref = cn.preprocess("shuffle", x, 64, -1, -1, seed=1234), _ext_shuffle(x.copy(), 64, 1234)
+    assert ours.shape == ref.shape == (64, 85, 3)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    if backend == "opencv":
+        assert diff.max() == 0
+    else:  # OpenCV's bilinear weights are 5-bit positions and 15-bit fixed point, numpy's exact
+        assert diff.max() <= 3 and np.count_nonzero(diff > 1) / diff.size < 0.01
+    assert (cn.preprocess("shuffle", x, 64, -1, -1, seed=1234) == ours).all()
+    assert (cn.preprocess("shuffle", x, 64, -1, -1, seed=1235) != ours).any()
+    assert cn.numpy_seed(1234, 0) == 1234 and cn.numpy_seed(2**32 - 1, 2) == 1
+
+
+def test_resolution_limits():
+    x = np.zeros((1, 400, 3), np.uint8)  # short side 1 -> 2048 would be 2048 x 819200
+    with pytest.raises(ValueError, match="pixels allowed"):
+        cn.preprocess("canny", x, 2048, 100, 200)
+    with pytest.raises(ValueError, match="positive"):
+        cn.preprocess("canny", x, 0, 100, 200)

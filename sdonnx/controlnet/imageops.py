@@ -52,7 +52,7 @@ def resize_np(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.
 def _sampling_matrix(interpolation, n_src, n_dst, both_shrink):
     """weights: [n_dst, n_src]; row i says how output pixel i mixes the input pixels of one axis."""
     if interpolation == NEAREST:
-        src = np.minimum(np.floor(np.arange(n_dst) * (n_src / n_dst)).astype(np.int64), n_src - 1)
+        src = np.minimum(np.floor(np.arange(n_dst) * _scale(n_src, n_dst)).astype(np.int64), n_src - 1)
         return _scatter(n_dst, n_src, src[:, None], np.ones((n_dst, 1)))
     if interpolation == AREA:
         # OpenCV averages pixel areas only when neither axis grows; otherwise it interpolates linearly
@@ -63,6 +63,18 @@ def _sampling_matrix(interpolation, n_src, n_dst, both_shrink):
     if interpolation == CUBIC:
         return _cubic_matrix(n_src, n_dst)
     raise ValueError(f"unknown interpolation {interpolation!r}; valid: {NEAREST}, {LINEAR}, {CUBIC}, {AREA}")
+
+
+def _scale(n_src, n_dst):
+    """Source pixels per output pixel, rounded as OpenCV computes it (the inverse of its inverse)."""
+    return 1.0 / (n_dst / n_src)
+
+
+def _source_position(n_src, n_dst):
+    """(index, fraction) of the output pixel centres in the input, in float32 as OpenCV keeps them."""
+    fx = ((np.arange(n_dst) + 0.5) * _scale(n_src, n_dst) - 0.5).astype(np.float32)
+    sx = np.floor(fx).astype(np.int64)
+    return sx, (fx - sx).astype(np.float64)
 
 
 def _scatter(n_dst, n_src, index, weight):
@@ -83,19 +95,16 @@ def _area_matrix(n_src, n_dst):
 
 
 def _area_zoom_matrix(n_src, n_dst):
-    scale = n_src / n_dst
     dst = np.arange(n_dst)
-    sx = np.floor(dst * scale).astype(np.int64)
-    fx = (dst + 1) - (sx + 1) / scale
+    sx = np.floor(dst * _scale(n_src, n_dst)).astype(np.int64)
+    fx = ((dst + 1) - (sx + 1) * (n_dst / n_src)).astype(np.float32).astype(np.float64)
     fx = np.where(fx <= 0, 0.0, fx - np.floor(fx))
     fx = np.where(sx + 1 >= n_src, 0.0, fx)
     return _scatter(n_dst, n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
 
 
 def _linear_matrix(n_src, n_dst):
-    fx = (np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5
-    sx = np.floor(fx).astype(np.int64)
-    fx -= sx
+    sx, fx = _source_position(n_src, n_dst)
     # OpenCV clamps the sampling position into the image
     fx = np.where(sx < 0, 0.0, fx)
     sx = np.maximum(sx, 0)
@@ -104,9 +113,7 @@ def _linear_matrix(n_src, n_dst):
 
 
 def _cubic_matrix(n_src, n_dst):
-    fx = (np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5
-    sx = np.floor(fx).astype(np.int64)
-    fx -= sx
+    sx, fx = _source_position(n_src, n_dst)
     a = _CUBIC_A
     w0 = ((a * (fx + 1) - 5 * a) * (fx + 1) + 8 * a) * (fx + 1) - 4 * a
     w1 = ((a + 2) * fx - (a + 3)) * fx * fx + 1
@@ -244,3 +251,110 @@ def otsu_level_np(gray: np.ndarray) -> int:
         sigma = np.where(valid, q1 * q2 * (mu1 - mu2) ** 2, 0.0)
     # OpenCV keeps the first level of the largest variance, and 0 when no level splits the histogram
     return int(np.argmax(sigma)) if sigma.max() > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------- canny
+_TG22 = int(0.4142135623730950488016887242097 * (1 << 15) + 0.5)  # tan(22.5 deg) in OpenCV's 15-bit fixed point
+
+
+def canny(img: np.ndarray, low: float, high: float) -> np.ndarray:
+    """cv2.Canny(img, low, high): uint8 [H, W] or [H, W, C] -> uint8 [H, W] of 0/255 edges.
+
+    OpenCV's Canny, which the extension calls: 3x3 Sobel gradients (replicated borders) with the L1 magnitude
+    |dx| + |dy| (per pixel the channel of largest magnitude), non-maximum suppression along the gradient's
+    direction quantized to 0/45/90/135 degrees, then hysteresis: pixels above `high` start edges that grow through
+    8-connected pixels above `low`. Like OpenCV it does not blur first: callers blur when they want to."""
+    cv2 = opencv()
+    if cv2 is None:
+        return canny_np(img, low, high)
+    return cv2.Canny(img, low, high)
+
+
+def canny_np(img: np.ndarray, low: float, high: float) -> np.ndarray:
+    low, high = sorted((low, high))
+    dx, dy, mag = _sobel_l1(img)
+    candidate = (mag > int(np.floor(low))) & _is_ridge(dx, dy, mag)
+    strong = candidate & (mag > int(np.floor(high)))
+    return np.where(_grow(strong, candidate), 255, 0).astype(np.uint8)
+
+
+def _sobel_l1(img):
+    """dx, dy: int64 [H, W] Sobel derivatives and mag = |dx| + |dy|, of the strongest channel at each pixel."""
+    x = img.astype(np.int64)
+    x = x[:, :, None] if x.ndim == 2 else x
+    p = np.pad(x, [(1, 1), (1, 1), (0, 0)], mode="edge")
+    h, w = x.shape[:2]
+
+    def at(dy, dx):
+        return p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+    gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+    mag = np.abs(gx) + np.abs(gy)
+    pick = np.argmax(mag, axis=2)[:, :, None]  # first channel among equals, as OpenCV
+    return (np.take_along_axis(gx, pick, 2)[:, :, 0], np.take_along_axis(gy, pick, 2)[:, :, 0],
+            np.take_along_axis(mag, pick, 2)[:, :, 0])
+
+
+def _is_ridge(dx, dy, mag):
+    """Non-maximum suppression with OpenCV's sector tests and tie rules; outside the image counts as 0."""
+    h, w = mag.shape
+    m = np.pad(mag, 1)
+
+    def at(oy, ox):
+        return m[1 + oy:1 + oy + h, 1 + ox:1 + ox + w]
+
+    ax, ay = np.abs(dx), np.abs(dy) << 15
+    tg22x = ax * _TG22
+    horizontal = ay < tg22x
+    vertical = ~horizontal & (ay > tg22x + (ax << 16))
+    diagonal = ~horizontal & ~vertical
+    same_sign = (dx ^ dy) >= 0  # down-right diagonal when the signs agree, down-left otherwise
+    ridge = horizontal & (mag > at(0, -1)) & (mag >= at(0, 1))
+    ridge |= vertical & (mag > at(-1, 0)) & (mag >= at(1, 0))
+    ridge |= diagonal & same_sign & (mag > at(-1, -1)) & (mag > at(1, 1))
+    ridge |= diagonal & ~same_sign & (mag > at(-1, 1)) & (mag > at(1, -1))
+    return ridge
+
+
+def _grow(seeds, allowed):
+    """The pixels of `allowed` 8-connected to a seed, by breadth-first search over flat indices."""
+    h, w = allowed.shape
+    todo = np.pad(allowed & ~seeds, 1).ravel()  # a false frame: neighbours never leave the image
+    done = np.pad(seeds, 1).ravel()
+    step = w + 2
+    offsets = np.array([-step - 1, -step, -step + 1, -1, 1, step - 1, step, step + 1])
+    frontier = np.flatnonzero(done)
+    while frontier.size:
+        near = np.unique((frontier[:, None] + offsets[None, :]).ravel())
+        frontier = near[todo[near]]
+        todo[frontier] = False
+        done[frontier] = True
+    return done.reshape(h + 2, w + 2)[1:-1, 1:-1]
+
+
+# ----------------------------------------------------------------------------------------------- remap
+def remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """cv2.remap(img, map_x, map_y, INTER_LINEAR): out[i, j] = img sampled bilinearly at (map_y, map_x)[i, j];
+    outside the image reads 0. img: uint8 [H, W, C]; maps: float32 [H', W']."""
+    cv2 = opencv()
+    if cv2 is None:
+        return remap_np(img, map_x, map_y)
+    return _keep_channels(img, cv2.remap(img, map_x.astype(np.float32), map_y.astype(np.float32),
+                                         cv2.INTER_LINEAR))
+
+
+def remap_np(img, map_x, map_y):
+    h, w = img.shape[:2]
+    # OpenCV samples at 1/32 pixel steps
+    qx, qy = np.rint(map_x * 32).astype(np.int64), np.rint(map_y * 32).astype(np.int64)
+    x0, y0 = qx >> 5, qy >> 5
+    fx, fy = ((qx & 31) / 32.0)[..., None], ((qy & 31) / 32.0)[..., None]
+
+    def read(y, x):
+        inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w))[..., None]
+        return np.where(inside, img[np.clip(y, 0, h - 1), np.clip(x, 0, w - 1)], 0).astype(np.float64)
+
+    top = read(y0, x0) * (1 - fx) + read(y0, x0 + 1) * fx
+    bottom = read(y0 + 1, x0) * (1 - fx) + read(y0 + 1, x0 + 1) * fx
+    return _saturate(top * (1 - fy) + bottom * fy, img.dtype)

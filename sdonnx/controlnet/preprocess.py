@@ -54,7 +54,7 @@ class Slider:
 
     def bounded(self, value: float) -> float:
         """The extension's rule for API values: out of range (-1 included) means the default."""
-        return self.value if value < self.min or value > self.max else value
+        return value if self.min <= value <= self.max else self.value  # NaN too
 
 
 RESOLUTION = Slider("Resolution", 512, 64, 2048, 8)
@@ -86,6 +86,7 @@ class Module:
 
 
 # ----------------------------------------------------------------------------------------------- modules
+# Each follows the extension's annotator of the same name (scripts/preprocessor/, scripts/preprocessor/legacy/).
 def _none(img, res, a, b, seed):
     return img
 
@@ -99,10 +100,114 @@ def _inpaint(img, res, a, b, seed):
     return img
 
 
+def _canny(img, res, low, high, seed):
+    padded, (h, w) = fit_resolution(img, res)
+    return hwc3(imageops.canny(padded, int(low), int(high))[:h, :w])
+
+
+def _threshold(img, res, level, b, seed):
+    padded, (h, w) = fit_resolution(img, res)
+    out = np.zeros_like(padded)
+    out[np.min(padded, axis=2) > level] = 255
+    return out[:h, :w]
+
+
+def _scribble_xdog(img, res, level, b, seed):
+    """White where a difference of Gaussians (sigma 5 minus sigma 0.5) of the darkest channel passes `level`."""
+    padded, (h, w) = fit_resolution(img, res)
+    x = padded.astype(np.float32)
+    dog = (255 - np.min(imageops.gaussian_blur(x, 5.0) - imageops.gaussian_blur(x, 0.5), axis=2))
+    dog = dog.clip(0, 255).astype(np.uint8)
+    # in uint8, as the extension computes it: strengths of 128 and more wrap around before the comparison
+    strength = (2 * (255 - dog)).astype(np.uint8)
+    out = np.zeros_like(padded)
+    out[strength > level] = 255
+    return out[:h, :w]
+
+
+def _blur_gaussian(img, res, sigma, b, seed):
+    padded, (h, w) = fit_resolution(img, res)
+    return imageops.gaussian_blur(padded[:h, :w], sigma)
+
+
+def _shuffle(img, res, a, b, seed):
+    """Pixels moved along a smooth random flow (the extension's content shuffle), reproducible from `seed`."""
+    padded, (h, w) = fit_resolution(img, res)
+    rng = np.random.RandomState(seed)  # numpy's legacy generator: the extension's np.random.seed(seed) stream
+    flow_x = _noise_disk(rng, h, w, 256) * float(w - 1)
+    flow_y = _noise_disk(rng, h, w, 256) * float(h - 1)
+    return imageops.remap(padded[:h, :w], flow_x.astype(np.float32), flow_y.astype(np.float32))
+
+
+def _noise_disk(rng, h, w, f):
+    """Smooth noise in [0, 1]: a coarse uniform grid (one cell per f pixels) upscaled bicubically."""
+    coarse = rng.uniform(low=0, high=1, size=((h // f) + 2, (w // f) + 2))
+    noise = imageops.resize(coarse, (w + 2 * f, h + 2 * f), CUBIC)[f:f + h, f:f + w]
+    noise = noise - np.min(noise)
+    return noise / np.max(noise)
+
+
+def _tile_resample(img, res, rate, b, seed):
+    if rate < 1.1:
+        return img
+    h, w = img.shape[:2]
+    return imageops.resize(img, (max(1, int(w / rate)), max(1, int(h / rate))), AREA)
+
+
+def _lineart_standard(img, res, a, b, seed):
+    """Dark lines on a light background, from how much darker each pixel is than its sigma-6 surroundings."""
+    padded, (h, w) = fit_resolution(img, res)
+    x = padded.astype(np.float32)
+    intensity = np.min(imageops.gaussian_blur(x, 6.0) - x, axis=2).clip(0, 255)
+    lines = intensity[intensity > 8]
+    intensity /= max(16.0, float(np.median(lines)) if lines.size else 16.0)
+    intensity *= 127
+    return hwc3(intensity.clip(0, 255).astype(np.uint8)[:h, :w])
+
+
+def _color_grid(img, res, a, b, seed):
+    """The T2I colour adapter's input: the image (short side `res`) reduced to 64-pixel colour cells."""
+    h, w = img.shape[:2]
+    size = (res, int(round(w / h * res))) if h < w else (int(round(h / w * res)), res)
+    _check_pixels(size[1], size[0], "the processed image")
+    x = imageops.resize(img, (size[1], size[0]), AREA)
+    if size[0] < 64 or size[1] < 64:
+        raise ValueError(f"t2ia_color_grid needs a processor resolution of 64 or more, got {res}")
+    cells = imageops.resize(x, (size[1] // 64, size[0] // 64), CUBIC)
+    return imageops.resize(cells, (size[1], size[0]), NEAREST)
+
+
+def fit_resolution(img: np.ndarray, res: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The extension's resize_image_with_pad: the short side scaled to `res` (bicubic up, area down), then the
+    bottom and right edges repeated up to multiples of 64. Returns (padded, (h, w) of the unpadded part)."""
+    if res < 1:
+        raise ValueError(f"ControlNet processor resolution must be a positive number, got {res}")
+    raw_h, raw_w = img.shape[:2]
+    k = res / min(raw_h, raw_w)
+    h, w = int(np.round(raw_h * k)), int(np.round(raw_w * k))
+    pad_h, pad_w = -h % 64, -w % 64
+    _check_pixels(w + pad_w, h + pad_h, "the processed image")
+    x = imageops.resize(img, (w, h), CUBIC if k > 1 else AREA)
+    return np.pad(x, [(0, pad_h), (0, pad_w), (0, 0)], mode="edge"), (h, w)
+
+
 MODULES: tuple[Module, ...] = (
     Module("none", _none, priority=10),
     Module("invert", _invert, label="invert (from white bg & black line)", resolution=HIDDEN, priority=20,
            tags=("Canny", "Lineart", "Scribble", "MLSD")),
+    Module("canny", _canny, slider_1=Slider("Low Threshold", 100, 1, 255, 1),
+           slider_2=Slider("High Threshold", 200, 1, 255, 1), priority=100, tags=("Canny",)),
+    Module("threshold", _threshold, slider_1=Slider("Binarization Threshold", 127, 0, 255)),
+    Module("scribble_xdog", _scribble_xdog, slider_1=Slider("XDoG Threshold", 32, 1, 64),
+           tags=("Scribble", "SparseCtrl")),
+    Module("blur_gaussian", _blur_gaussian, slider_1=Slider("Sigma", 9.0, 0.01, 64.0), tags=("Tile",)),
+    # the extension fixes shuffle's resolution at 512 (pixel perfect still sets it)
+    Module("shuffle", _shuffle, resolution=Slider(value=512, visible=False), tags=("Shuffle",)),
+    Module("tile_resample", _tile_resample, slider_1=Slider("Down Sampling Rate", 1.0, 1.0, 8.0),
+           priority=100, tags=("Tile",)),
+    Module("lineart_standard", _lineart_standard, label="lineart_standard (from white bg & black line)",
+           priority=100, tags=("Lineart",)),
+    Module("color", _color_grid, label="t2ia_color_grid", tags=("T2I-Adapter",)),
     Module("inpaint_only", _inpaint, resolution=HIDDEN, priority=100, mask_in_alpha=True, tags=("Inpaint",)),
     Module("inpaint", _inpaint, label="inpaint_global_harmonious", resolution=HIDDEN, mask_in_alpha=True,
            tags=("Inpaint",)),
@@ -151,6 +256,9 @@ def preprocess(module: str, image: np.ndarray, resolution: int, threshold_a: flo
     `resolution`. `seed` makes `shuffle` reproducible (the extension seeds numpy with `numpy_seed`)."""
     m = find_module(module)
     image = _checked_image(image)
+    if not np.isfinite([resolution, threshold_a, threshold_b]).all():
+        raise ValueError(f"ControlNet {m.name}: resolution and thresholds must be finite numbers, got "
+                         f"{resolution}, {threshold_a}, {threshold_b}")
     if m.mask_in_alpha:
         if image.ndim != 3 or image.shape[2] != 4:
             raise ValueError(f"ControlNet module {m.name!r} needs an image with its mask ([H, W, 4]), "

@@ -17,6 +17,7 @@ from .. import __version__, limits
 from ..image import check_writable
 from .api import ApiError, ServerState, build_router
 from .codec import BadImage
+from .controlnet_api import build_controlnet_router
 from .models import ModelStore
 from .schemas import non_finite
 from .worker import Worker
@@ -65,6 +66,7 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
     app = FastAPI(title="sdonnx", version=__version__, lifespan=lifespan)
     app.state.sdonnx = state
     app.include_router(build_router(state))
+    app.include_router(build_controlnet_router(state))
     _add_error_handlers(app)
     _add_page(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
