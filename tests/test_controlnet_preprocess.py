@@ -10,7 +10,7 @@ may then flip on the few pixels that sit on a threshold, bounded as a fraction o
 import numpy as np
 import pytest
 
-from sdonnx.controlnet import imageops
+from sdonnx.controlnet import imageops, inpaint
 from sdonnx.controlnet import preprocess as cn
 
 cv2 = pytest.importorskip("cv2")
@@ -439,3 +439,34 @@ def test_resolution_limits():
         cn.preprocess("canny", x, 2048, 100, 200)
     with pytest.raises(ValueError, match="positive"):
         cn.preprocess("canny", x, 0, 100, 200)
+
+
+# ------------------------------------------------------------------------------------------- inpaint_only
+def _prepared_with_mask(h=64, w=80):
+    rgba = np.concatenate([_photo(h, w), np.zeros((h, w, 1), np.uint8)], axis=2)
+    rgba[13:31, 22:47, 3] = 255
+    rgba[50, 70, 3] = 255  # one lone pixel: the pooling and the dilation must both see it
+    return rgba
+
+
+def test_latent_mask_is_the_extensions_max_pool():
+    torch = pytest.importorskip("torch")
+    rgba = _prepared_with_mask()
+    ref = torch.nn.functional.max_pool2d(torch.from_numpy(rgba[:, :, 3].astype(np.float32) / 255)[None, None],
+                                         (10, 10), stride=(8, 8), padding=1).numpy()
+    ours = inpaint.latent_mask(rgba)
+    assert ours.shape == ref.shape == (1, 1, 8, 10) and (ours == ref).all()
+
+
+@pytest.mark.parametrize("sigma", [7, 4])
+def test_restore_unmasked_is_the_extensions(backend, sigma):
+    rgba = _prepared_with_mask()
+    generated = np.random.default_rng(3).random((64, 80, 3), dtype=np.float32) * 1.2 - 0.1
+    m = cv2.blur(cv2.dilate(rgba[:, :, 3].astype(np.float32) / 255, np.ones((sigma, sigma), np.uint8)),
+                 (sigma, sigma))[:, :, None]
+    ref = (m * generated.clip(0, 1) + (1 - m) * rgba[:, :, :3].astype(np.float32) / 255).clip(0, 1)
+    ours = inpaint.restore_unmasked(generated, rgba, sigma)
+    # float32 sums in another order (numpy's matrix form of the box blur)
+    assert np.abs(ours - ref).max() < (1e-6 if backend == "opencv" else 1e-5)
+    far = (slice(40, 48), slice(0, 10))  # well away from the mask: the control image itself
+    assert np.allclose(ours[far], rgba[far][:, :, :3] / 255, atol=1e-6)

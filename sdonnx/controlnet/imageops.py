@@ -163,10 +163,21 @@ def _gaussian_kernel(ksize, sigma):
     return k / k.sum()
 
 
+def box_blur(img: np.ndarray, ksize: int) -> np.ndarray:
+    """cv2.blur(img, (ksize, ksize)): the mean over a ksize x ksize window anchored at its centre, mirrored
+    borders (BORDER_REFLECT_101)."""
+    cv2 = opencv()
+    if cv2 is None:
+        box = np.full(ksize, 1.0 / ksize)
+        rows, cols = _convolution_matrix(box, img.shape[0]), _convolution_matrix(box, img.shape[1])
+        return _saturate(_separable(img.astype(np.float32), rows, cols), img.dtype)
+    return _keep_channels(img, cv2.blur(img, (ksize, ksize)))
+
+
 def _convolution_matrix(kernel, n):
-    """[n, n] matrix of a centred 1-D convolution with borders mirrored without repeating the edge pixel."""
-    radius = len(kernel) // 2
-    index = np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :]
+    """[n, n] matrix of a 1-D correlation anchored at the kernel's centre (len // 2), borders mirrored without
+    repeating the edge pixel."""
+    index = np.arange(n)[:, None] + (np.arange(len(kernel)) - len(kernel) // 2)[None, :]
     return _scatter(n, n, reflect101(index, n), np.broadcast_to(kernel, index.shape))
 
 
@@ -181,8 +192,8 @@ def reflect101(index: np.ndarray, n: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- morphology
 def dilate(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """cv2.dilate(img, kernel) for a 3x3 0/1 kernel: the maximum over the kernel's pixels; outside the image
-    counts as nothing."""
+    """cv2.dilate(img, kernel) for a 0/1 kernel anchored at its centre: the maximum over the kernel's pixels;
+    outside the image counts as nothing."""
     cv2 = opencv()
     if cv2 is None:
         return _morph_np(img, kernel, np.maximum, np.iinfo(img.dtype).min if img.dtype == np.uint8 else -np.inf)
@@ -190,7 +201,8 @@ def dilate(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 
 def erode(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """cv2.erode(img, kernel) for a 3x3 0/1 kernel: the minimum; outside the image counts as nothing."""
+    """cv2.erode(img, kernel) for a 0/1 kernel anchored at its centre: the minimum; outside the image counts as
+    nothing."""
     cv2 = opencv()
     if cv2 is None:
         return _morph_np(img, kernel, np.minimum, np.iinfo(img.dtype).max if img.dtype == np.uint8 else np.inf)
@@ -217,7 +229,9 @@ def hit_or_miss_np(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 def _morph_np(img, kernel, combine, outside):
     h, w = img.shape[:2]
-    padded = np.pad(img, [(1, 1), (1, 1)] + [(0, 0)] * (img.ndim - 2), constant_values=outside)
+    (kh, kw), (ay, ax) = kernel.shape, (kernel.shape[0] // 2, kernel.shape[1] // 2)
+    pad = [(ay, kh - 1 - ay), (ax, kw - 1 - ax)] + [(0, 0)] * (img.ndim - 2)
+    padded = np.pad(img, pad, constant_values=outside)
     out = None
     for dy, dx in zip(*np.nonzero(kernel)):
         window = padded[dy:dy + h, dx:dx + w]
