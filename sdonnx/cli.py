@@ -194,12 +194,21 @@ class _Commands(click.Group):
         return {entry.name: entry for entry in entry_points(group="sdonnx.commands")}
 
     def list_commands(self, ctx):
-        return sorted({*super().list_commands(ctx), *self._plugins()})
+        return sorted({*super().list_commands(ctx), *self._plugins(), *COMMAND_MODULES})
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
+        if command is None and name in COMMAND_MODULES:
+            import importlib
+
+            module, _, attribute = COMMAND_MODULES[name].partition(":")
+            return getattr(importlib.import_module(module), attribute)
         entry = None if command else self._plugins().get(name)
         return entry.load() if entry else command
+
+
+# commands kept in their own modules, imported when used: name -> module:attribute
+COMMAND_MODULES = {"xyz": "sdonnx.cli_xyz:xyz", "prompt-matrix": "sdonnx.cli_xyz:prompt_matrix"}
 
 
 @click.group(cls=_Commands)

@@ -40,6 +40,9 @@ MAX_BATCH_SIZE = 64
 MAX_BATCH_COUNT = 1000
 # steps of one pass: the models are trained on 1000 timesteps, more steps revisit the same ones
 MAX_STEPS = 1000
+# cells of one X/Y/Z plot or prompt matrix (each one a generation): 1000 is a 10x10x10 plot. Its images
+# together stay within MAX_JOB_PIXELS, as one job's do, since the grid is made from all of them at once
+MAX_PLOT_CELLS = 1000
 # mask blur radius and the "only masked" padding, in pixels: past the image side they change nothing
 MAX_MARGIN = MAX_SIDE
 
