@@ -11,7 +11,7 @@ python -m pip install --quiet --upgrade pip
 # torch is the converter's and the tests' only (never the runtime's). 2.13.0 is the CPU build we test
 # with; any torch >= 2.1 works.
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[cpu,convert,serve,test,opencv]"
+python -m pip install --quiet -e ".[cpu,convert,serve,test,opencv,ray]"
 # k-diffusion is the reference for sampler math; its own requirements (torchvision, clip, ...) are not
 # needed for sampling.py and do not install beside every torch, hence --no-deps.
 python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1"

@@ -187,11 +187,17 @@ class _Commands(click.Group):
     """The sdonnx group plus commands other packages register under the `sdonnx.commands` entry point,
     loaded only when used: the torch-side `convert` lives in converters/ and the runtime never imports it."""
 
-    @staticmethod
-    def _plugins():
-        from importlib.metadata import entry_points
+    # commands in their own modules (they import this one), loaded like the plugins: name -> "module:object"
+    MODULES = {
+        "batch": "sdonnx.cli_batch:batch",
+    }
 
-        return {entry.name: entry for entry in entry_points(group="sdonnx.commands")}
+    @classmethod
+    def _plugins(cls):
+        from importlib.metadata import EntryPoint, entry_points
+
+        own = {name: EntryPoint(name, value, "sdonnx.commands") for name, value in cls.MODULES.items()}
+        return {**own, **{entry.name: entry for entry in entry_points(group="sdonnx.commands")}}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self._plugins(), *COMMAND_MODULES})

@@ -88,6 +88,20 @@ def save_png(
         tmp.unlink(missing_ok=True)
 
 
+def write_png(image: Image.Image, path: str | PathLike, infotext: str | None) -> Path:
+    """Write ``image`` to ``path`` with ``infotext``, replacing a file there. The PNG is written in full to a
+    hidden temp file in the same folder and renamed over ``path``: the name never holds a partial PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{uuid.uuid4().hex}.png.tmp"
+    try:
+        _write_png(image, tmp, infotext)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def check_writable(outdir: str | PathLike) -> Path:
     """Prove images can be saved in ``outdir`` before any work whose images would be lost: a file is created
     and removed there, or, while the folder does not exist yet (it is made with the first image), its

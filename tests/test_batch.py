@@ -1,0 +1,206 @@
+"""Jobs run here (sdonnx/jobs.py), A1111's prompts-file format and `sdonnx batch` (Ray: tests/test_batch_ray.py)."""
+import shutil
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from sdonnx import GenerationRequest
+from sdonnx.cli import main
+from sdonnx.infotext import parse_infotext
+from sdonnx.jobs import Job, parse_prompts_file, run_jobs
+from sdonnx.manifest import load_manifest
+from sdonnx.pipeline import Pipeline
+
+
+def job(model, name, prompt, seed=1, **settings):
+    request = GenerationRequest.from_kwargs(**{"prompt": prompt, "seed": seed, "steps": 2, "width": 64, "height": 64,
+                                               **settings})
+    return Job(request, model, name)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_onnx):
+    return tiny_onnx("sd1")
+
+
+@pytest.fixture(scope="module")
+def load():
+    """A loader that keeps each model's pipeline for the module: its sessions are made once for all tests."""
+    pipes = {}
+
+    def cached(model):
+        if model not in pipes:
+            pipes[model] = Pipeline.load(model, provider="cpu")
+        return pipes[model]
+    return cached
+
+
+# ------------------------------------------------------------------------------------ prompts files
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a cat\n\n  a dog  \n", [(1, {"prompt": "a cat"}), (3, {"prompt": "a dog"})]),
+    # A1111: the words after --prompt up to the next --option are the prompt, joined by spaces
+    ('--prompt a red cat --steps 30 --seed 5', [(1, {"prompt": "a red cat", "steps": 30, "seed": 5})]),
+    ('--prompt "a (cat:1.2), sitting" --negative_prompt \'blurry, lowres\' --cfg_scale 6.5',
+     [(1, {"prompt": "a (cat:1.2), sitting", "negative_prompt": "blurry, lowres", "cfg_scale": 6.5})]),
+    ('--prompt x --width 512 --height 768 --batch_size 2 --n_iter 3',
+     [(1, {"prompt": "x", "width": 512, "height": 768, "batch_size": 2, "batch_count": 3})]),
+    ('--prompt x --subseed 7 --subseed_strength 0.25 --seed_resize_from_w 64 --seed_resize_from_h 32',
+     [(1, {"prompt": "x", "subseed": 7, "subseed_strength": 0.25, "seed_resize_from_w": 64,
+           "seed_resize_from_h": 32})]),
+    ('--prompt x --sampler_name "DPM++ 2M Karras" --tiling true',
+     [(1, {"prompt": "x", "sampler": "DPM++ 2M Karras", "tiling": "xy"})]),
+    ('--prompt x --tiling False --restore_faces false --do_not_save_grid true --sampler_index 3',
+     [(1, {"prompt": "x", "tiling": None})]),  # keys A1111 takes that change nothing sdonnx writes
+    ('--prompt x --prompt_for_display shown --outpath_grids g --do_not_save_samples false',
+     [(1, {"prompt": "x"})]),
+    ('--prompt x --sd_model other', [(1, {"prompt": "x", "model": "other"})]),
+    ("a cat -- with a dash", [(1, {"prompt": "a cat -- with a dash"})]),
+])
+def test_prompts_file_lines(text, expected):
+    lines = parse_prompts_file(text)
+    assert [(line.number, dict(line.settings)) for line in lines] == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a cat\n--prompt x --stpes 30", "line 2: unknown option --stpes; valid: --sd_model, --outpath_samples"),
+    ("--prompt x --steps thirty", "line 1: --steps 'thirty': give a whole number"),
+    ("--prompt x --cfg_scale high", "line 1: --cfg_scale 'high': give a number"),
+    ("--prompt x --steps 2.5", "line 1: --steps '2.5': give a whole number"),
+    ("--prompt x --tiling yes", "line 1: --tiling 'yes': give true or false"),
+    ("--prompt x --steps", "line 1: --steps has no value"),
+    ("--prompt x --seed --steps 3", "line 1: --seed has no value"),
+    ('--prompt "a cat', "line 1: No closing quotation"),
+    ("--prompt x stray --seed 1 words", "line 1: 'words' must start with --"),
+    ("--prompt x --sampler_name Eulerish", "unknown sampler 'Eulerish'; valid choices: DPM++ 2M"),
+    ("--prompt x --restore_faces true", "line 1: --restore_faces: sdonnx has no face restoration"),
+    ("--prompt x --styles mine", "line 1: --styles: styles are not read"),
+    ("--prompt x --outpath_samples /tmp/x", "line 1: --outpath_samples: every image goes to"),
+    ("--prompt x --do_not_save_samples true", "line 1: --do_not_save_samples"),
+    ("a cat --steps 30", "line 1: --steps after prompt text"),
+])
+def test_bad_lines_are_refused_naming_the_line(text, message):
+    with pytest.raises(ValueError) as e:
+        parse_prompts_file(text)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _counting(loads, load):
+    def counted(model):
+        loads.append(model)
+        return load(model)
+    return counted
+
+
+def test_jobs_run_grouped_by_model_and_resume(model, load, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(model, other)  # the same weights under another folder: a second model to load
+    jobs = [job(model, "a", "a red circle"), job(other, "b", "a blue square", seed=2),
+            job(model, "c", "a green dot", seed=3, batch_size=2), job(other, "d", "a cat", seed=4)]
+    loads, written = [], []
+    out = tmp_path / "out"
+    results = run_jobs(jobs, out, load=_counting(loads, load), on_image=lambda j, p: written.append(p.name))
+    # one load per model (sessions kept), the jobs of a model together, results in job order
+    assert loads == [str(model), str(other)]
+    assert written == ["a.png", "c-0.png", "c-1.png", "b.png", "d.png"]
+    assert [r.job.name for r in results] == ["a", "b", "c", "d"] and not any(r.skipped for r in results)
+    info = parse_infotext(Image.open(out / "c-1.png").info["parameters"])
+    assert (info["Prompt"], info["Seed"], info["Size"], info["Steps"]) == ("a green dot", "4", "64x64", "2")
+    assert info["Model"] == load_manifest(model).name
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    # resume: a truncated file and a file of other settings are made again, nothing else
+    (out / "d.png").write_bytes((out / "d.png").read_bytes()[:-30])
+    jobs[0] = job(model, "a", "a red circle, changed")
+    loads.clear(), written.clear()
+    results = run_jobs(jobs, out, load=_counting(loads, load), on_image=lambda j, p: written.append(p.name))
+    assert written == ["a.png", "d.png"] and loads == [str(model), str(other)]
+    assert [r.skipped for r in results] == [False, True, True, False]
+    assert all(stamps[n] == (out / n).stat().st_mtime_ns for n in ("b.png", "c-0.png", "c-1.png"))
+    assert parse_infotext(Image.open(out / "a.png").info["parameters"])["Prompt"] == "a red circle, changed"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_images(model, load, tmp_path):
+    jobs = [job(model, f"{n}", f"prompt {n}", seed=n) for n in range(4)]
+    out, written = tmp_path / "out", []
+
+    def stop_after_two(j, path):
+        written.append(path.name)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, out, load=load, on_image=stop_after_two)
+    done = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert sorted(done) == ["0.png", "1.png"]
+    written.clear()
+    results = run_jobs(jobs, out, load=load, on_image=lambda j, p: written.append(p.name))
+    assert written == ["2.png", "3.png"] and [r.skipped for r in results] == [True, True, False, False]
+    assert all((out / n).read_bytes() == data for n, data in done.items())
+    # a random seed (-1) is finished by an image of any seed; --no-resume makes everything again
+    random_job = [job(model, "r", "prompt r", seed=-1)]
+    first = run_jobs(random_job, out, load=load)[0]
+    assert not first.skipped and run_jobs(random_job, out, load=load)[0].skipped
+    assert not run_jobs(random_job, out, load=load, resume=False)[0].skipped
+
+
+def test_a_bad_job_is_refused_before_anything_runs(model, tmp_path):
+    jobs = [job(model, "ok", "fine"), job(model, "bad", "x", width=65)]
+    with pytest.raises(ValueError, match="job bad: width 65 is not a positive multiple of 8"):
+        run_jobs(jobs, tmp_path / "out", load=lambda m: pytest.fail("nothing may load"))
+    with pytest.raises(ValueError, match="jobs 'a' and 'a' would both write a.png"):
+        run_jobs([job(model, "a", "x"), job(model, "a", "y")], tmp_path / "out")
+    with pytest.raises(ValueError, match="plain file name stem"):
+        run_jobs([job(model, "../a", "x")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_batch_command_writes_each_line_and_resumes(model, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n\n--prompt "a blue square" --steps 3 --seed 9 --n_iter 2\n')
+    out = tmp_path / "out"
+    # without Ray installed, --ray runs the jobs here and says how to install it
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code, stdout, stderr = run("batch", prompts, "-m", model, "-o", out, "--steps", 2, "--seed", 5, "-W", 64,
+                               "-H", 64, "--cfg-scale", 4, "--ray")
+    assert code == 0, stderr
+    assert "pip install 'sdonnx[ray]'" in stderr
+    assert [p.rsplit("/", 1)[-1] for p in stdout.split()] == ["00000.png", "00001-0.png", "00001-1.png"]
+    first, second = (parse_infotext(Image.open(out / n).info["parameters"]) for n in ("00000.png", "00001-1.png"))
+    assert (first["Prompt"], first["Steps"], first["Seed"], first["CFG scale"]) == ("a red circle", "2", "5", "4")
+    assert (second["Prompt"], second["Steps"], second["Seed"]) == ("a blue square", "3", "10")
+    code, stdout, stderr = run("batch", prompts, "-m", model, "-o", out, "--steps", 2, "--seed", 5, "-W", 64,
+                               "-H", 64, "--cfg-scale", 4)
+    assert code == 0 and stdout == "" and "0 run, 2 already done" in stderr
+    # a cluster address without Ray is an error, not a quiet local run
+    code, _, stderr = run("batch", prompts, "-m", model, "-o", out, "--ray", "ray://head:10001")
+    assert code == 2 and "pip install 'sdonnx[ray]'" in stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a cat\n--prompt x --bogus 1", "error: line 2: unknown option --bogus"),
+    ("--prompt x --sd_model nothere", "error: line 1: --sd_model 'nothere' is no model folder"),
+    ("--prompt x --width 65", "error: job 00000: width 65 is not a positive multiple of 8"),
+    ("\n\n", "error: the prompts file holds no prompt"),
+])
+def test_batch_command_refuses_bad_files_in_one_line(model, tmp_path, text, message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(text)
+    code, stdout, stderr = run("batch", prompts, "-m", model, "-o", tmp_path / "out")
+    assert code == 2 and stderr.startswith(message) and stderr.count("\n") == 1 and stdout == ""
+    assert not (tmp_path / "out").exists()
