@@ -37,31 +37,31 @@ def resize(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.nda
 
 
 def resize_np(img: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
-    """`resize` in numpy: one sampling matrix per axis, applied in float32."""
+    """`resize` in numpy: each axis resampled by its taps, in float32."""
     width, height = size
     h, w = img.shape[:2]
     both_shrink = height <= h and width <= w
-    rows = _sampling_matrix(interpolation, h, height, both_shrink)
-    cols = _sampling_matrix(interpolation, w, width, both_shrink)
-    y = _separable(img.astype(np.float32), rows, cols)
+    rows = _sampling_taps(interpolation, h, height, both_shrink)
+    cols = _sampling_taps(interpolation, w, width, both_shrink)
+    y = _separable(img, rows, cols)
     if interpolation == AREA and h % height == 0 and w % width == 0:
         y += 1e-3  # OpenCV averages whole blocks in integers, rounding halves up
     return _saturate(y, img.dtype)
 
 
-def _sampling_matrix(interpolation, n_src, n_dst, both_shrink):
-    """weights: [n_dst, n_src]; row i says how output pixel i mixes the input pixels of one axis."""
+def _sampling_taps(interpolation, n_src, n_dst, both_shrink):
+    """How each output pixel of one axis mixes input pixels: (index, weight), both [n_dst, taps]."""
     if interpolation == NEAREST:
         src = np.minimum(np.floor(np.arange(n_dst) * _scale(n_src, n_dst)).astype(np.int64), n_src - 1)
-        return _scatter(n_dst, n_src, src[:, None], np.ones((n_dst, 1)))
+        return _taps(n_src, src[:, None], np.ones((n_dst, 1)))
     if interpolation == AREA:
         # OpenCV averages pixel areas only when neither axis grows; otherwise it interpolates linearly
         # with its own "area" coefficients
-        return _area_matrix(n_src, n_dst) if both_shrink else _area_zoom_matrix(n_src, n_dst)
+        return _area_taps(n_src, n_dst) if both_shrink else _area_zoom_taps(n_src, n_dst)
     if interpolation == LINEAR:
-        return _linear_matrix(n_src, n_dst)
+        return _linear_taps(n_src, n_dst)
     if interpolation == CUBIC:
-        return _cubic_matrix(n_src, n_dst)
+        return _cubic_taps(n_src, n_dst)
     raise ValueError(f"unknown interpolation {interpolation!r}; valid: {NEAREST}, {LINEAR}, {CUBIC}, {AREA}")
 
 
@@ -77,42 +77,40 @@ def _source_position(n_src, n_dst):
     return sx, (fx - sx).astype(np.float64)
 
 
-def _scatter(n_dst, n_src, index, weight):
-    """A [n_dst, n_src] matrix from per-row source indices and weights (repeated indices add up)."""
-    m = np.zeros((n_dst, n_src), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(n_dst)[:, None], index.shape)
-    np.add.at(m, (rows, np.clip(index, 0, n_src - 1)), weight)
-    return m
+def _taps(n_src, index, weight):
+    """(index, weight) with indices past the border on the border pixel."""
+    return np.clip(index, 0, n_src - 1), np.broadcast_to(weight, index.shape).astype(np.float32)
 
 
-def _area_matrix(n_src, n_dst):
+def _area_taps(n_src, n_dst):
     """Each output pixel is the mean of the input it covers, partly covered pixels by the covered fraction."""
     scale = n_src / n_dst
-    start = np.arange(n_dst)[:, None] * scale
-    lo = np.arange(n_src)[None, :]
-    overlap = np.minimum(lo + 1, start + scale) - np.maximum(lo, start)
-    return np.clip(overlap, 0, None) / scale
+    start = (np.arange(n_dst) * scale)[:, None]
+    index = np.floor(start).astype(np.int64) + np.arange(int(np.ceil(scale)) + 1)[None, :]
+    overlap = np.minimum(index + 1, start + scale) - np.maximum(index, start)
+    weight = np.where(index < n_src, np.clip(overlap, 0, None) / scale, 0.0)
+    return _taps(n_src, index, weight)
 
 
-def _area_zoom_matrix(n_src, n_dst):
+def _area_zoom_taps(n_src, n_dst):
     dst = np.arange(n_dst)
     sx = np.floor(dst * _scale(n_src, n_dst)).astype(np.int64)
     fx = ((dst + 1) - (sx + 1) * (n_dst / n_src)).astype(np.float32).astype(np.float64)
     fx = np.where(fx <= 0, 0.0, fx - np.floor(fx))
     fx = np.where(sx + 1 >= n_src, 0.0, fx)
-    return _scatter(n_dst, n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
+    return _taps(n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
 
 
-def _linear_matrix(n_src, n_dst):
+def _linear_taps(n_src, n_dst):
     sx, fx = _source_position(n_src, n_dst)
     # OpenCV clamps the sampling position into the image
     fx = np.where(sx < 0, 0.0, fx)
     sx = np.maximum(sx, 0)
     fx = np.where(sx >= n_src - 1, 0.0, fx)
-    return _scatter(n_dst, n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
+    return _taps(n_src, np.stack([sx, sx + 1], 1), np.stack([1 - fx, fx], 1))
 
 
-def _cubic_matrix(n_src, n_dst):
+def _cubic_taps(n_src, n_dst):
     sx, fx = _source_position(n_src, n_dst)
     a = _CUBIC_A
     w0 = ((a * (fx + 1) - 5 * a) * (fx + 1) + 8 * a) * (fx + 1) - 4 * a
@@ -120,14 +118,30 @@ def _cubic_matrix(n_src, n_dst):
     w2 = ((a + 2) * (1 - fx) - (a + 3)) * (1 - fx) * (1 - fx) + 1
     w3 = 1 - w0 - w1 - w2
     index = sx[:, None] + np.arange(-1, 3)[None, :]  # neighbours past the border repeat the border pixel
-    return _scatter(n_dst, n_src, index, np.stack([w0, w1, w2, w3], 1))
+    return _taps(n_src, index, np.stack([w0, w1, w2, w3], 1))
 
 
-def _separable(x, rows, cols):
-    """rows @ x @ cols.T over the two image axes of x: [H, W] or [H, W, C] float32."""
-    y = np.tensordot(rows.astype(np.float32), x, axes=(1, 0))
-    y = np.tensordot(cols.astype(np.float32), y, axes=(1, 1))  # [W', H', C...]
-    return np.swapaxes(y, 0, 1)
+def _separable(img, rows, cols):
+    """img [H, W] or [H, W, C] -> float32 [H', W'(, C)]: rows resampled by the row taps, then columns."""
+    return _along(_along(img, rows, 0), cols, 1)
+
+
+def _along(x, taps, axis):
+    index, weight = taps
+    n_src = x.shape[axis]
+    if index.shape[1] * 32 > n_src:
+        # wide kernels (blurs): one matrix product beats a loop over the taps
+        matrix = np.zeros((index.shape[0], n_src), np.float32)
+        np.add.at(matrix, (np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape), index), weight)
+        return np.moveaxis(np.tensordot(matrix, x.astype(np.float32), axes=(1, axis)), 0, axis)
+    # few taps (resizing): gathered rows, weighted and summed; a large image is never copied whole to float
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    out = None
+    for k in range(index.shape[1]):
+        term = np.take(x, index[:, k], axis=axis).astype(np.float32, copy=False) * weight[:, k].reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
 
 
 def _saturate(x, dtype):
@@ -152,9 +166,8 @@ def gaussian_blur_np(img: np.ndarray, sigma: float) -> np.ndarray:
     # OpenCV sizes the kernel to 3 sigmas for 8-bit images and 4 for float ones
     radius_sigmas = 3 if img.dtype == np.uint8 else 4
     ksize = int(np.rint(sigma * radius_sigmas * 2 + 1)) | 1
-    rows = _convolution_matrix(_gaussian_kernel(ksize, sigma), h)
-    cols = _convolution_matrix(_gaussian_kernel(ksize, sigma), w)
-    return _saturate(_separable(img.astype(np.float32), rows, cols), img.dtype)
+    kernel = _gaussian_kernel(ksize, sigma)
+    return _saturate(_separable(img, _convolution_taps(kernel, h), _convolution_taps(kernel, w)), img.dtype)
 
 
 def _gaussian_kernel(ksize, sigma):
@@ -169,16 +182,16 @@ def box_blur(img: np.ndarray, ksize: int) -> np.ndarray:
     cv2 = opencv()
     if cv2 is None:
         box = np.full(ksize, 1.0 / ksize)
-        rows, cols = _convolution_matrix(box, img.shape[0]), _convolution_matrix(box, img.shape[1])
-        return _saturate(_separable(img.astype(np.float32), rows, cols), img.dtype)
+        rows, cols = _convolution_taps(box, img.shape[0]), _convolution_taps(box, img.shape[1])
+        return _saturate(_separable(img, rows, cols), img.dtype)
     return _keep_channels(img, cv2.blur(img, (ksize, ksize)))
 
 
-def _convolution_matrix(kernel, n):
-    """[n, n] matrix of a 1-D correlation anchored at the kernel's centre (len // 2), borders mirrored without
-    repeating the edge pixel."""
+def _convolution_taps(kernel, n):
+    """A 1-D correlation anchored at the kernel's centre (len // 2), borders mirrored without repeating the edge
+    pixel."""
     index = np.arange(n)[:, None] + (np.arange(len(kernel)) - len(kernel) // 2)[None, :]
-    return _scatter(n, n, reflect101(index, n), np.broadcast_to(kernel, index.shape))
+    return _taps(n, reflect101(index, n), kernel[None, :])
 
 
 def reflect101(index: np.ndarray, n: int) -> np.ndarray:
