@@ -445,6 +445,7 @@ def test_shuffle_is_the_extensions_for_the_same_seed(backend):
     assert (cn.preprocess("shuffle", x, 64, -1, -1, seed=1234) == ours).all()
     assert (cn.preprocess("shuffle", x, 64, -1, -1, seed=1235) != ours).any()
     assert cn.numpy_seed(1234, 0) == 1234 and cn.numpy_seed(2**32 - 1, 2) == 1
+    assert cn.numpy_seed(-1, -1, 77) == 154 and cn.numpy_seed(5, -1, 5) == 10  # A1111's default subseed is -1
 
 
 def test_numpy_canny_by_hand(monkeypatch):

@@ -268,9 +268,14 @@ def preprocess(module: str, image: np.ndarray, resolution: int, threshold_a: flo
     return np.ascontiguousarray(m.run(image, int(resolution), float(threshold_a), float(threshold_b), seed))
 
 
-def numpy_seed(seed: int, subseed: int) -> int:
-    """The seed the extension gives numpy before preprocessing: (seed + subseed) mod 2**32, both as used."""
-    return (max(int(seed), 0) + max(int(subseed), 0)) & 0xFFFFFFFF
+def numpy_seed(seed: int, subseed: int, first_seed: int | None = None) -> int:
+    """The seed the extension gives numpy before preprocessing (`shuffle`): the request's seed plus its variation
+    seed, mod 2**32, where either one left at -1 (random) counts as the job's first image seed `first_seed` (given
+    none, as 0)."""
+    def used(value):
+        return int(first_seed) if value == -1 and first_seed is not None else max(int(value), 0)
+
+    return (used(seed) + used(subseed)) & 0xFFFFFFFF
 
 
 def display_image(module: str, result: np.ndarray) -> np.ndarray:
