@@ -306,8 +306,10 @@ def canny_np(img: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _sobel_l1(img):
-    """dx, dy: int64 [H, W] Sobel derivatives and mag = |dx| + |dy|, of the strongest channel at each pixel."""
-    x = img.astype(np.int64)
+    """dx, dy: int32 [H, W] Sobel derivatives and mag = |dx| + |dy|, of the strongest channel at each pixel.
+    (int32 holds the fixed-point sector tests too: with |dx|, |dy| <= 1020, |dy| << 15 and |dx| * TG22 + (|dx| << 16)
+    stay below 2**27.)"""
+    x = img.astype(np.int32)
     x = x[:, :, None] if x.ndim == 2 else x
     p = np.pad(x, [(1, 1), (1, 1), (0, 0)], mode="edge")
     h, w = x.shape[:2]
