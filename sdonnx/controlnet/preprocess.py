@@ -369,7 +369,8 @@ def prepare_control_image(image: np.ndarray, width: int, height: int, mode) -> n
     Just Resize stretches; Crop and Resize scales to cover and crops the centre; Resize and Fill scales to fit
     and fills the rest with the median border colour (for inpaint, marked to repaint). Resampling is the
     extension's: nearest for images of few colours (segmentation maps), area when shrinking, bicubic when
-    growing; two-colour images are re-binarized, one-pixel edges thinned back to one pixel."""
+    growing; two-colour images are re-binarized, one-pixel edges thinned back to one pixel. (For inpaint maps the
+    extension keeps the resampled colours in float; here they are rounded to uint8, within 0.5/255 of it.)"""
     mode = resize_mode(mode)
     _check_pixels(width, height, "the control image")
     x = _checked_image(image)
