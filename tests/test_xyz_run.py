@@ -83,3 +83,88 @@ def test_cli_prompt_matrix(model, tmp_path):
     assert len(list(tmp_path.glob("0*.png"))) == 4
     grid = Image.open(tmp_path / "prompt_matrix-0000.png")
     assert grid.size[1] > 64 * 2 and grid.size[0] == 2 * 64 + 64 * 3 // 4  # 2x2 cells, legends on top and left
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+API = "/sdapi/v1"
+BASE = {"prompt": "a cat", "negative_prompt": "", "seed": 11, "steps": 1, "width": 64, "height": 64,
+        "sampler_name": "Euler a"}
+
+
+@pytest.fixture(scope="module")
+def client(models_root, tmp_path_factory):  # noqa: F811
+    app = create_app(models_root, provider="cpu", lora_dirs=[models_root / "Lora"],
+                     embedding_dirs=[models_root / "embeddings"], outdir=tmp_path_factory.mktemp("outputs"))
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as c:
+        yield c
+
+
+def _image(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_api_xyz_as_an_a1111_client_sends_it(client):
+    # A1111 1.10's 18 positional arguments: axis types as dropdown indices (9 Sampler, 4 Steps), the Sampler
+    # values from its dropdown list (csv_mode off), Include Sub Images on
+    args = [9, "", ["Euler a", "Euler"], 4, "1-2", [], 0, "", [], True, True, False, False, False, False, False, 0,
+            False]
+    r = client.post(f"{API}/txt2img", json={**BASE, "script_name": "X/Y/Z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    body, info = r.json(), json.loads(r.json()["info"])
+    assert len(body["images"]) == 5 and info["index_of_first_image"] == 1
+    lay = layout(2, 2, 64, 64, labels(["Euler a", "Euler"]), labels(["Steps: 1", "Steps: 2"]))
+    grid = _image(body["images"][0])
+    assert grid.size == lay.size
+    params = parse_infotext(read_infotext(io.BytesIO(base64.b64decode(body["images"][0]))))
+    assert (params["X Type"], params["X Values"], params["Y Type"], params["Y Values"]) == \
+        ("Sampler", "Euler a,Euler", "Steps", "1-2")
+    assert info["infotexts"][0] == read_infotext(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert [p["Steps"] for p in map(parse_infotext, info["infotexts"][1:])] == ["1", "1", "2", "2"]
+    assert info["all_seeds"][1:] == [11] * 4
+    # the cells in the grid are the images answered after it
+    last = _image(body["images"][4])
+    cell = grid.crop((lay.pad_left + 64, lay.pad_top + 64, lay.pad_left + 128, lay.pad_top + 128))
+    assert np.array_equal(np.asarray(cell), np.asarray(last.convert("RGB")))
+
+
+def test_api_script_args_by_name_and_prompt_matrix(client):
+    args = {"x_type": "CFG Scale", "x_values": "1, 7", "z_type": "Prompt S/R", "z_values": "cat, dog",
+            "include_sub_grids": True}
+    r = client.post(f"{API}/txt2img", json={**BASE, "script_name": "x/y/z plot", "script_args": args})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 3 and info["index_of_first_image"] == 3  # the grid and one per Z value
+    assert "Z Values: \"cat, dog\"" in info["infotexts"][0] and "Z Type" not in info["infotexts"][2]
+    assert info["all_prompts"][2] == "a dog"
+    r = client.post(f"{API}/txt2img", json={**BASE, "prompt": "a cat|snow|night", "script_name": "Prompt matrix",
+                                            "script_args": [False, True, "positive", "comma", 0]})
+    info = json.loads(r.json()["info"])
+    assert r.status_code == 200 and len(r.json()["images"]) == 5
+    assert info["all_prompts"][1:] == ["a cat", "a cat, snow", "a cat, night", "a cat, snow, night"]
+    assert info["all_seeds"][1:] == [11, 12, 13, 14]
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("X/Y/Z plot", [43, "1"], ["outside A1111's txt2img list"]),
+    ("X/Y/Z plot", ["Sampler", "Eulr"], ["unknown sampler 'Eulr'", "DPM++ 2M"]),
+    ("X/Y/Z plot", ["Face restore", "true"], ["no face restoration"]),
+    ("X/Y/Z plot", ["Checkpoint name", "nope"], ["'nope' not found", "tiny-sd1"]),
+    ("X/Y/Z plot", {"x_typo": 1}, ["unknown script_args x_typo"]),
+    ("X/Y/Z plot", ["Steps", "1-40", [], "CFG Scale", "1-40"], ["over the limit of 1000"]),
+    ("Loopback", [], ["script 'Loopback' not found", "x/y/z plot"]),
+    ("Prompt matrix", [False, False, "both"], ["choose positive or negative"]),
+])
+def test_api_bad_scripts_are_refused_before_they_queue(client, script, args, words):
+    r = client.post(f"{API}/txt2img", json={**BASE, "script_name": script, "script_args": args})
+    assert r.status_code == 422 and all(w in r.json()["detail"] for w in words), r.text
+    assert client.get(f"{API}/progress").json()["state"]["job_count"] == 0
+
+
+def test_api_lists_the_scripts(client):
+    assert client.get(f"{API}/scripts").json() == {
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
+        "img2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]}
+    info = client.get(f"{API}/script-info").json()
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    assert len(xyz["args"]) == 18 and "Steps" in xyz["args"][0]["choices"]

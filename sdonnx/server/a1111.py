@@ -51,6 +51,8 @@ SERVER = {
     "force_task_id": "the job's id, reported as current_task by /progress",
     "comments": "A1111 discards them as well",
     "infotext": "an A1111 infotext: its settings apply where the request does not set the field (A1111 1.7+)",
+    "script_name": "runs A1111's X/Y/Z plot, prompt matrix or prompts from file (sdonnx/server/scripts.py)",
+    "script_args": "the script's arguments in A1111's order (or by name)",
 }
 
 # A1111 request fields without an equivalent here, and why
@@ -63,7 +65,6 @@ UNSUPPORTED = {
     "image_cfg_scale": "instruct-pix2pix models are not supported",
     "initial_noise_multiplier": "img2img noise is never scaled (A1111's default 1.0)",
     "latent_mask": "the mask is used for the latents as well",
-    "script_name": "no scripts", "script_args": "no scripts",
     "alwayson_scripts": "no extensions (ControlNet, ADetailer, ...)",
 }
 

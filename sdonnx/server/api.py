@@ -19,6 +19,7 @@ from ..samplers import SAMPLER_INFO
 from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
 from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
 from .codec import EncodedImage, decode_bytes, decode_image, encode_png, latent_preview
+from . import scripts
 from .models import UnknownModel
 from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from .worker import QueueFull
@@ -68,12 +69,15 @@ def build_router(state):
     @router.post("/txt2img")
     async def txt2img(req: Txt2ImgRequest, request: Request):
         plan = plan_generation(state, req, "txt2img")
+        if req.script_name:
+            return await _run_script(state, plan, req, request)
         return await _generate(state, plan, req, request)
 
     @router.post("/img2img")
     async def img2img(req: Img2ImgRequest, request: Request):
         plan = plan_generation(state, req, "img2img")
-        response = await _generate(state, plan, req, request)
+        run = _run_script if req.script_name else _generate
+        response = await run(state, plan, req, request)
         if not req.include_init_images:
             response["parameters"].update(init_images=None, mask=None)
         return response
@@ -164,7 +168,8 @@ def build_router(state):
 
     for name in ("sd-vae", "face-restorers", "realesrgan-models", "sd-modules"):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
-    router.add_api_route("/scripts", _no_scripts, methods=["GET"])
+    router.add_api_route("/scripts", _scripts, methods=["GET"])
+    router.add_api_route("/script-info", _script_info, methods=["GET"])
     router.add_api_route("/cmd-flags", _no_flags, methods=["GET"])
     return router
 
@@ -184,8 +189,14 @@ async def _empty_list():
     return []
 
 
-async def _no_scripts():
-    return {"txt2img": [], "img2img": []}
+async def _scripts():
+    return scripts.script_lists()
+
+
+async def _script_info():
+    from ..plots.axes import axis_types
+
+    return scripts.script_info(lambda mode: [t.label for t in axis_types(mode) if not t.unsupported])
 
 
 async def _no_flags():
@@ -345,6 +356,31 @@ async def _generate(state, plan, req, request):
     outcome = await _wait(job, request)
     return {"images": outcome["images"] if req.send_images else [], "parameters": req.model_dump(),
             "info": json.dumps(_info(plan, req, outcome, job), ensure_ascii=False)}
+
+
+async def _run_script(state, plan, req, request):
+    """A1111's script_name/script_args: the script's cells checked before the job queues, run as one job."""
+    try:
+        name = scripts.find_script(req.script_name)
+        base = scripts.base_request(_decoded(plan.kwargs), plan.seed, plan.batch_size, plan.n_iter)
+        script = scripts.plan_script(name, req.script_args, base, req.seed in (-1, None),
+                                     scripts.context_for(state.store, plan.mode),
+                                     lambda model: (model or plan.entry).manifest, state.store.find)
+    except ValueError as e:  # the script's arguments, a cell's value, a model name or a limit
+        raise ApiError(422, str(e)) from None
+    try:
+        job = state.worker.submit(lambda job, pipeline_for: scripts.run_script_job(
+            job, pipeline_for, script, lambda model: model or plan.entry), plan.mode, task_id=req.force_task_id)
+    except QueueFull as e:
+        raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+    result = await _wait(job, request)
+    images, texts = (result.images, result.infotexts) if result else ([], [])
+    save_error = scripts.save_script_images(result, state.outdir, plan.mode, name) \
+        if result and plan.save and state.outdir else None
+    outcome = {"parameters": {}, "seeds": [], "infotexts": texts, "interrupted": job.stop, "save_error": save_error}
+    info = {**_info(plan, req, outcome, job), **(scripts.info_fields(result) if result else {})}
+    encoded = [encode_png(image, text) for image, text in zip(images, texts)] if req.send_images else []
+    return {"images": encoded, "parameters": req.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
 
 
 async def _wait(job, request):

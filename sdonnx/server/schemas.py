@@ -69,7 +69,7 @@ class _Common(BaseModel):
     comments: dict[str, Any] | None = None
     force_task_id: str | None = None
     script_name: str | None = None
-    script_args: list[Any] = []
+    script_args: list[Any] | dict[str, Any] = []  # A1111: a list; sdonnx also takes the names
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = {}
