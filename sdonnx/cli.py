@@ -190,6 +190,8 @@ class _Commands(click.Group):
     # commands in their own modules (they import this one), loaded like the plugins: name -> "module:object"
     MODULES = {
         "batch": "sdonnx.cli_batch:batch",
+        "xyz": "sdonnx.cli_xyz:xyz",
+        "prompt-matrix": "sdonnx.cli_xyz:prompt_matrix",
     }
 
     @classmethod
@@ -200,21 +202,12 @@ class _Commands(click.Group):
         return {**own, **{entry.name: entry for entry in entry_points(group="sdonnx.commands")}}
 
     def list_commands(self, ctx):
-        return sorted({*super().list_commands(ctx), *self._plugins(), *COMMAND_MODULES})
+        return sorted({*super().list_commands(ctx), *self._plugins()})
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
-        if command is None and name in COMMAND_MODULES:
-            import importlib
-
-            module, _, attribute = COMMAND_MODULES[name].partition(":")
-            return getattr(importlib.import_module(module), attribute)
         entry = None if command else self._plugins().get(name)
         return entry.load() if entry else command
-
-
-# commands kept in their own modules, imported when used: name -> module:attribute
-COMMAND_MODULES = {"xyz": "sdonnx.cli_xyz:xyz", "prompt-matrix": "sdonnx.cli_xyz:prompt_matrix"}
 
 
 @click.group(cls=_Commands)

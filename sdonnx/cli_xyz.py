@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _cli_request, _fail, _request_options, _user_errors
+from .cli import _cli_request, _fail, _request_options
 
 
 @dataclass(frozen=True)
@@ -62,29 +62,6 @@ def _shared_options(command):
     return _request_options(command)
 
 
-def _pipelines(load):
-    """pipeline_for(model) keeping one Pipeline at a time (cells come grouped by model)."""
-    loaded = {}
-
-    def pipeline_for(model):
-        if model not in loaded:
-            loaded.clear()  # the previous model's sessions go before the next one's are made
-            loaded[model] = load(model)
-        return loaded[model]
-
-    return pipeline_for
-
-
-def _loader(model, provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir):
-    from .pipeline import Pipeline
-
-    def load(ref):
-        return Pipeline.load(ref.path if ref else model, provider=provider, device_id=device_id, device=device,
-                             lora_dir=lora_dir, embeddings_dir=embeddings_dir, hypernetwork_dir=hypernetwork_dir)
-
-    return load
-
-
 def _manifests(model):
     from .manifest import load_manifest
 
@@ -98,17 +75,38 @@ def _manifests(model):
     return manifest_for
 
 
-def _run_and_save(cells, load, outdir, saved):
-    """Generate the cells locally, saving each cell's images as it finishes (Ctrl-C keeps them)."""
-    from .image import save_png
-    from .plots.xyz import pipeline_runner, run_cells
+def run_cells(cells, model, outdir, load, ray=None):
+    """Generate the cells with the job runner (sdonnx.jobs: here, or on a Ray cluster), written as numbered PNGs
+    in OUTDIR as they finish (printed); -> the cells' CellResults, read back from the files, grid order."""
+    from .image import next_sequence_number, read_infotext
+    from .jobs import Job, run_jobs
+    from .plots.xyz import CellResult
 
-    def save(index, cell, result):
-        for image, seed, text in zip(result.images, result.seeds, result.infotexts):
-            saved.append(save_png(image, outdir, text, seed=seed))
-            click.echo(str(saved[-1]))
+    first = next_sequence_number(outdir) if Path(outdir).is_dir() else 0
+    base = Path(model).resolve()
+    jobs = [Job(cell.request, cell.model.path if cell.model else base, f"{first + i:05}",
+                {"cell": (cell.ix, cell.iy, cell.iz)}) for i, cell in enumerate(cells)]
+    results = run_jobs(jobs, outdir, load=load, ray=ray, resume=False,
+                       on_image=lambda job, path: click.echo(str(path)))
+    return [CellResult([_rgb(path) for path in r.paths], [read_infotext(path) for path in r.paths]) for r in results]
 
-    return run_cells(cells, pipeline_runner(_pipelines(load)), on_cell=save)
+
+def _rgb(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir):
+    """load(model) for the job runner: picklable, with absolute folders (Ray workers may run elsewhere)."""
+    import functools
+
+    from .cli_batch import _absolute, _load
+
+    return functools.partial(_load, provider=provider, device_id=device_id, device=device,
+                             **_absolute(lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                         hypernetwork_dir=hypernetwork_dir))
 
 
 def _save_grids(result, outdir, prefix):
@@ -149,8 +147,9 @@ def _vary(text):
                                                                 "along them.")
 @click.option("--styles-file", type=click.Path(dir_okay=False),
               help="A1111 styles.csv for the Styles axis [default: styles.csv beside the model folder].")
-@click.option("--ray", default=None, is_flag=False, flag_value="auto", metavar="[ADDRESS]",
-              help="Run the cells on a Ray cluster (ADDRESS, or the one `ray start` made).")
+@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run the cells on a Ray cluster: ADDRESS (auto, ray://head:10001) or, alone, a local Ray "
+                   "instance (pip install 'sdonnx[ray]'); the grid is made here from the written images.")
 @_shared_options
 def xyz(prompt, x_spec, y_spec, z_spec, legend, include_images, include_sub_grids, keep_random_seeds, vary_seeds,
         styles_file, ray, model, provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir, outdir,
@@ -165,7 +164,6 @@ def xyz(prompt, x_spec, y_spec, z_spec, legend, include_images, include_sub_grid
     from .plots import xyz as plot_mod
     from .plots.axes import Context
 
-    saved = []
     try:
         check_writable(outdir)
         request = _cli_request(prompt, model, None, None, None, fields)
@@ -177,20 +175,26 @@ def xyz(prompt, x_spec, y_spec, z_spec, legend, include_images, include_sub_grid
         plot, request = plot_mod.fix_seeds(plot, request)
         cells = plot_mod.expand(plot, request, context)
         plot_mod.check_cells(cells, _manifests(model))
-        load = _loader(model, provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
-        results = _run_cells(cells, load, outdir, saved, ray)
+        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
+        results = run_cells(cells, model, outdir, load, _ray_or_here(ray))
         _save_grids(plot_mod.finish(plot, cells, results), outdir, "xyz_grid")
-    except _user_errors() as e:
+    except _errors() as e:
         _fail(e)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {len(saved)} image(s) saved in {outdir}, no grid", err=True)
+        click.echo(f"\ninterrupted: the finished cells are in {outdir}, no grid", err=True)
         sys.exit(130)
 
 
-def _run_cells(cells, load, outdir, saved, ray):
-    if ray is None:
-        return _run_and_save(cells, load, outdir, saved)
-    raise ValueError("--ray needs sdonnx's job runner (sdonnx.jobs), which this installation does not have")
+def _errors():
+    from .cli_batch import _batch_errors
+
+    return _batch_errors()  # the user's errors, and Ray workers lost for good
+
+
+def _ray_or_here(address):
+    from .cli_batch import _ray_or_here
+
+    return _ray_or_here(address)
 
 
 @click.command("prompt-matrix")
@@ -210,7 +214,6 @@ def prompt_matrix(prompt, put_at_start, different_seeds, prompt_type, delimiter,
     from .plots import matrix as matrix_mod
     from .plots.xyz import XYZPlot, check_cells, fix_seeds
 
-    saved = []
     try:
         check_writable(outdir)
         request = _cli_request(prompt, model, None, None, None, fields)
@@ -218,11 +221,11 @@ def prompt_matrix(prompt, put_at_start, different_seeds, prompt_type, delimiter,
         _, request = fix_seeds(XYZPlot(), request)
         parts, cells = matrix_mod.expand(options, request)
         check_cells(cells, _manifests(model))
-        load = _loader(model, provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
-        results = _run_and_save(cells, load, outdir, saved)
+        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
+        results = run_cells(cells, model, outdir, load)
         _save_grids(matrix_mod.finish(options, parts, results), outdir, "prompt_matrix")
-    except _user_errors() as e:
+    except _errors() as e:
         _fail(e)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: {len(saved)} image(s) saved in {outdir}, no grid", err=True)
+        click.echo(f"\ninterrupted: the finished cells are in {outdir}, no grid", err=True)
         sys.exit(130)

@@ -168,3 +168,18 @@ def test_api_lists_the_scripts(client):
     info = client.get(f"{API}/script-info").json()
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert len(xyz["args"]) == 18 and "Steps" in xyz["args"][0]["choices"]
+
+
+def test_api_prompts_from_file(client):
+    text = 'a dog\n\n--prompt "a bird" --steps 2 --seed 5\n--prompt fish --sd_model tiny-sd1\n'
+    r = client.post(f"{API}/txt2img", json={**BASE, "prompt": "photo", "seed": 20, "script_name":
+                                            "Prompts from file or textbox", "script_args": [True, False, "end", text]})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 3 and info["index_of_first_image"] == 0
+    assert info["all_prompts"] == ["photo a dog", "photo a bird", "photo fish"]  # prompt_position "end"
+    assert info["all_seeds"] == [20, 5, 22]  # "Iterate seed every line": +1 a line; a line's own seed stays its own
+    assert parse_infotext(info["infotexts"][1])["Steps"] == "2"
+    old = client.post(f"{API}/txt2img", json={**BASE, "script_name": "prompts from file or textbox",
+                                              "script_args": [False, False, "--steps 2 --bogus 1"]})  # A1111 < 1.8
+    assert old.status_code == 422 and "unknown option --bogus" in old.json()["detail"]
