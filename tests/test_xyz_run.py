@@ -21,7 +21,7 @@ from sdonnx.plots.grid import layout, labels
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-from test_server import LiveServer, models_root  # noqa: E402,F401  (the tiny model, converted once and cached)
+from test_server import LiveServer, _open_page, browser, models_root  # noqa: E402,F401  (the tiny model: cached)
 
 from sdonnx.server import create_app  # noqa: E402
 
@@ -93,10 +93,16 @@ BASE = {"prompt": "a cat", "negative_prompt": "", "seed": 11, "steps": 1, "width
 
 
 @pytest.fixture(scope="module")
-def client(models_root, tmp_path_factory):  # noqa: F811
+def live(models_root, tmp_path_factory):  # noqa: F811
     app = create_app(models_root, provider="cpu", lora_dirs=[models_root / "Lora"],
                      embedding_dirs=[models_root / "embeddings"], outdir=tmp_path_factory.mktemp("outputs"))
-    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as c:
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    with httpx.Client(base_url=live.url, timeout=120) as c:
         yield c
 
 
@@ -183,3 +189,25 @@ def test_api_prompts_from_file(client):
     old = client.post(f"{API}/txt2img", json={**BASE, "script_name": "prompts from file or textbox",
                                               "script_args": [False, False, "--steps 2 --bogus 1"]})  # A1111 < 1.8
     assert old.status_code == 422 and "unknown option --bogus" in old.json()["detail"]
+
+
+def test_web_page_script_section(live, browser):  # noqa: F811
+    _open_page(browser, live)
+    browser.wait_for("document.querySelectorAll('#xyz_x_type option').length > 10")
+    browser.js("""(() => {
+        const set = (id, value) => { document.getElementById(id).value = value; };
+        set('script_name', 'x/y/z plot'); document.getElementById('script_name').dispatchEvent(new Event('change'));
+        set('xyz_x_type', 'Steps'); set('xyz_x_values', '1, 2'); set('xyz_y_type', 'CFG Scale'); set('xyz_y_values', '5');
+        set('prompt', 'a cat'); set('steps', '1'); set('width', '64'); set('height', '64'); set('seed', '3');
+        document.getElementById('generate').click();
+    })()""")
+    assert browser.js("document.getElementById('script_xyz').hidden") is False
+    browser.wait_for("document.getElementById('status').textContent.startsWith('Done')", timeout=60)
+    lay = layout(2, 1, 64, 64, labels(["Steps: 1", "Steps: 2"]), labels(["CFG Scale: 5.0"]))
+    assert browser.js("[...document.querySelectorAll('#results img')].map(i => [i.naturalWidth, i.naturalHeight])") \
+        == [list(lay.size)]
+    assert "X Type: Steps" in browser.js("document.querySelector('#results pre').textContent")
+    # img2img has its own axis list (Image CFG Scale where txt2img has Hires steps)
+    browser.js("document.querySelector('input[name=mode][value=img2img]').click()")
+    types = browser.js("[...document.querySelectorAll('#xyz_x_type option')].map(o => o.value)")
+    assert "Hires steps" not in types and "Steps" in types

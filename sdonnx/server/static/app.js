@@ -116,6 +116,7 @@ function payload() {
   } else if ($("enable_hr").checked) {
     Object.assign(body, hiresFields());
   }
+  if (typeof scriptPanel !== "undefined") Object.assign(body, scriptPanel.fields()); // static/scripts.js
   return body;
 }
 
