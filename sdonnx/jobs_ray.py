@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 from .jobs import Worker, wire_settings
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 IN_HAND = 2  # jobs given to an actor at once: one running, the next one already there when it ends
 RESTARTS = 3  # Ray restarts a dead actor this many times (its model is loaded again on its next job)
 DEATHS_PER_JOB = 3  # a job whose worker died this many times under it is not tried again (it may be the cause)
+PING_EVERY = 0.25  # seconds between asking a restarting actor whether it is back
+PINGS = 240  # ...for at most about a minute
 
 
 class WorkersLost(RuntimeError):
@@ -80,39 +83,80 @@ def _start_workers(ray, load, workers):
 def _dispatch(ray, actors, jobs, order):
     from ray.exceptions import RayActorError, RayTaskError
 
-    queue = collections.deque(order)
-    held = {}  # ObjectRef -> (actor index, job index)
-    loaded = {}  # actor index -> the model of the last job it was given
-    deaths = collections.Counter()  # job index -> times its worker died under it
-    while queue or held:
-        _hand_out(actors, jobs, queue, held, loaded)
-        (ref,), _ = ray.wait(list(held), num_returns=1)
-        a, i = held.pop(ref)
+    state = _State(collections.deque(order), jobs)
+    while state.queue or state.running():
+        _hand_out(actors, state)
+        if not state.held:
+            raise WorkersLost(f"every Ray worker died; {len(state.queue)} job(s) not run")
+        (ref,), _ = ray.wait(list(state.held), num_returns=1)
+        a, i = state.held.pop(ref)
         try:
-            images, infotexts, where = ray.get(ref)
+            outcome = ray.get(ref)
         except RayActorError as e:
-            deaths[i] += 1
-            loaded.pop(a, None)  # a restarted actor starts empty
-            if deaths[i] >= DEATHS_PER_JOB:
-                raise WorkersLost(f"job {jobs[i].name}: its Ray worker died {deaths[i]} times ({_first_line(e)})") \
-                    from None
-            log.warning("job %s: its Ray worker died (%s); it runs again", jobs[i].name, _first_line(e))
-            queue.appendleft(i)
+            _lost(actors, state, a, i, e)
             continue
         except RayTaskError as e:
             raise _cause(e) from None  # the job's own error (a LoRA not found...), as a local run raises it
-        yield i, images, infotexts, where
+        if i is None:
+            state.resting.discard(a)  # the actor answered: (re)started, it takes jobs again
+            state.pings.pop(a, None)
+            continue
+        yield (i, *outcome)
 
 
-def _hand_out(actors, jobs, queue, held, loaded):
-    """Fill every actor's hands, preferring for each the jobs of the model it already holds."""
-    busy = collections.Counter(a for a, _ in held.values())
+class _State:
+    """The dispatcher's books: jobs queued and held, actors resting (restarting) or gone."""
+
+    def __init__(self, queue, jobs):
+        self.queue, self.jobs = queue, jobs
+        self.held = {}  # ObjectRef -> (actor index, job index, or None for a ping)
+        self.loaded = {}  # actor index -> the model of the last job it was given
+        self.deaths = collections.Counter()  # job index -> times its worker died under it
+        self.resting, self.gone = set(), set()  # actors Ray restarts; actors it gave up on
+        self.pings = collections.Counter()  # actor index -> pings since it failed
+
+    def running(self):
+        return any(i is not None for _, i in self.held.values())
+
+
+def _lost(actors, state, a, i, error):
+    """Actor `a` failed a call: its job goes back to the queue, and the actor rests until a ping says Ray
+    restarted it; an actor Ray gave up on (ActorDiedError) or that does not come back is left out."""
+    from ray.exceptions import ActorDiedError
+
+    state.loaded.pop(a, None)  # a restarted actor starts empty
+    if i is not None:
+        state.deaths[i] += 1
+        name = state.jobs[i].name
+        if state.deaths[i] >= DEATHS_PER_JOB:
+            raise WorkersLost(f"job {name}: its Ray worker died {state.deaths[i]} times ({_first_line(error)})")
+        log.warning("job %s: its Ray worker died (%s); it runs again", name, _first_line(error))
+        state.queue.appendleft(i)
+    if isinstance(error, ActorDiedError) or state.pings[a] >= PINGS:
+        state.gone.add(a)
+        state.resting.discard(a)
+        return
+    if i is None:
+        time.sleep(PING_EVERY)  # still restarting: ask again a little later
+    elif a in state.resting:
+        return  # its other job's failure already sent a ping
+    state.resting.add(a)
+    state.pings[a] += 1
+    state.held[actors[a].where.remote()] = (a, None)
+
+
+def _hand_out(actors, state):
+    """Fill the hands of every actor at work, preferring for each the jobs of the model it already holds."""
+    busy = collections.Counter(a for a, i in state.held.values() if i is not None)
     for a, actor in enumerate(actors):
-        while busy[a] < IN_HAND and queue:
-            i = _take(queue, jobs, loaded.get(a))
-            held[actor.run.remote(jobs[i].model, wire_settings(jobs[i].request))] = (a, i)
+        if a in state.resting or a in state.gone:
+            continue
+        while busy[a] < IN_HAND and state.queue:
+            i = _take(state.queue, state.jobs, state.loaded.get(a))
+            job = state.jobs[i]
+            state.held[actor.run.remote(job.model, wire_settings(job.request))] = (a, i)
             busy[a] += 1
-            loaded[a] = jobs[i].model
+            state.loaded[a] = job.model
 
 
 def _take(queue, jobs, model):
