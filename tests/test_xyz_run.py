@@ -93,9 +93,14 @@ BASE = {"prompt": "a cat", "negative_prompt": "", "seed": 11, "steps": 1, "width
 
 
 @pytest.fixture(scope="module")
-def live(models_root, tmp_path_factory):  # noqa: F811
+def outputs(tmp_path_factory):
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def live(models_root, outputs):  # noqa: F811
     app = create_app(models_root, provider="cpu", lora_dirs=[models_root / "Lora"],
-                     embedding_dirs=[models_root / "embeddings"], outdir=tmp_path_factory.mktemp("outputs"))
+                     embedding_dirs=[models_root / "embeddings"], outdir=outputs)
     with LiveServer(app) as server:
         yield server
 
@@ -167,6 +172,19 @@ def test_api_bad_scripts_are_refused_before_they_queue(client, script, args, wor
     assert client.get(f"{API}/progress").json()["state"]["job_count"] == 0
 
 
+def test_api_img2img_plot_saved_as_a1111(client, outputs):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    body = {**BASE, "init_images": [base64.b64encode(buf.getvalue()).decode()], "steps": 2, "save_images": True,
+            "script_name": "x/y/z plot", "script_args": [25, "0.3, 0.9"]}  # 25: Denoising in img2img's list
+    r = client.post(f"{API}/img2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert [parse_infotext(t)["Denoising strength"] for t in info["infotexts"]] == ["0.3"]  # the grid: cell 1's
+    assert "X Type: Denoising" in info["infotexts"][0]
+    assert [p.name for p in (outputs / "img2img-grids").iterdir()] == ["xyz_grid-0000.png"]
+
+
 def test_api_lists_the_scripts(client):
     assert client.get(f"{API}/scripts").json() == {
         "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
@@ -211,3 +229,13 @@ def test_web_page_script_section(live, browser):  # noqa: F811
     browser.js("document.querySelector('input[name=mode][value=img2img]').click()")
     types = browser.js("[...document.querySelectorAll('#xyz_x_type option')].map(o => o.value)")
     assert "Hires steps" not in types and "Steps" in types
+
+
+def test_cli_xyz_on_ray_makes_the_same_files(model, tmp_path):
+    pytest.importorskip("ray")
+    args = ["xyz", "-m", str(model), "a cat", "--x", "Seed: 1, 2", "--steps", "1", *SMALL]
+    for where, extra in (("here", []), ("ray", ["--ray"])):
+        result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / where), *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    here, there = ({p.name: p.read_bytes() for p in (tmp_path / d).glob("*.png")} for d in ("here", "ray"))
+    assert sorted(here) == ["00000.png", "00001.png", "xyz_grid-0000.png"] and here == there
