@@ -5,6 +5,9 @@ from pathlib import Path
 
 import click
 
+from .cli_upscale import folders_from, upscaler_folder_options
+from .cli_upscale import upscale as _upscale
+
 
 # the errors a user can cause; they print one line and exit non-zero, never a traceback. Running out of
 # memory is one: the user chose the size
@@ -240,9 +243,11 @@ def main(verbose):
                    "memory follows the largest model, not all of them. Default: on for a single batch, where "
                    "every session is created once either way, so it costs nothing; off for --batch-count > 1, "
                    "where it would re-create the UNet and VAE sessions per batch.")
+@upscaler_folder_options
 @_request_options
 def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
-             lora_dir, hypernetwork_dir, outdir, lowmem, **fields):
+             lora_dir, hypernetwork_dir, outdir, lowmem, models_root, esrgan_models_path, realesrgan_models_path,
+             swinir_models_path, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
     Every setting of the generation request is an option below."""
@@ -255,8 +260,10 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields)
         if lowmem is None:
             lowmem = request.prompt.batch_count == 1
+        upscaler_dirs = folders_from(models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path)
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
-                             embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir)
+                             embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir,
+                             upscaler_dirs=upscaler_dirs)
         _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
@@ -428,8 +435,10 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
 @click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
                                               "OpenVINO finds one, else CPU].")
+@upscaler_folder_options
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
-          embeddings_dir, hypernetwork_dir, outdir, provider, device_id, device):
+          embeddings_dir, hypernetwork_dir, outdir, provider, device_id, device, models_root, esrgan_models_path,
+          realesrgan_models_path, swinir_models_path):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -444,13 +453,17 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
                          cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
                          lora_dirs=lora_dir or [r / "Lora" for r in roots],
                          embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots],
-                         hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir)
+                         hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir,
+                         upscaler_dirs=folders_from(models_root, esrgan_models_path, realesrgan_models_path,
+                                                    swinir_models_path))
     except _user_errors() as e:
         _fail(e)
     host = "0.0.0.0" if listen else "127.0.0.1"
     click.echo(f"sdonnx serving on http://{host}:{port}/ (API at /sdapi/v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else "warning")
 
+
+main.add_command(_upscale)  # `sdonnx upscale`, in its own module
 
 if __name__ == "__main__":
     main()

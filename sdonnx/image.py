@@ -9,6 +9,7 @@ import os
 import re
 import uuid
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
@@ -70,11 +71,13 @@ def save_png(
     *,
     seed: int | None = None,
     prefix: str = "",
+    texts: Mapping[str, str] | None = None,
 ) -> Path:
     """Save ``image`` as ``outdir/NNNNN[-SEED].png`` (``PREFIX-NNNN[-SEED].png`` with a prefix), as A1111 names.
 
     The number continues from the highest one already in ``outdir``. The "parameters" text chunk holds
-    ``infotext`` (tEXt, or iTXt when it is not Latin-1). The PNG is written in full to a hidden temp file and
+    ``infotext`` (tEXt, or iTXt when it is not Latin-1); ``texts`` adds other chunks (A1111's Extras writes
+    "postprocessing" and "extras"). The PNG is written in full to a hidden temp file and
     then hard-linked to its name: the link fails when the name exists, so no file is ever overwritten (even
     with several writers racing) and no half-written PNG ever carries a final name.
     """
@@ -82,7 +85,7 @@ def save_png(
     outdir.mkdir(parents=True, exist_ok=True)
     tmp = outdir / f".{uuid.uuid4().hex}.png.tmp"
     try:
-        _write_png(image, tmp, infotext)
+        _write_png(image, tmp, infotext, texts)
         return _claim_name(tmp, outdir, prefix, seed)
     finally:
         tmp.unlink(missing_ok=True)
@@ -238,14 +241,21 @@ def _sequence_name(n: int, prefix: str, seed: int | None) -> str:
     return f"{number}-{seed}.png" if seed is not None else f"{number}.png"
 
 
-def _write_png(image: Image.Image, path: Path, infotext: str | None) -> None:
-    info = PngImagePlugin.PngInfo()
-    if infotext:
-        info.add_text("parameters", infotext)
+def _write_png(image: Image.Image, path: Path, infotext: str | None, texts: Mapping[str, str] | None = None) -> None:
+    info = png_texts(infotext, texts)
     with open(path, "xb") as f:
         image.save(f, format="PNG", pnginfo=info)
         f.flush()
         os.fsync(f.fileno())
+
+
+def png_texts(infotext: str | None, texts: Mapping[str, str] | None = None) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks: "parameters" (the infotext), then the other texts given."""
+    info = PngImagePlugin.PngInfo()
+    for key, text in {"parameters": infotext, **(texts or {})}.items():
+        if text:
+            info.add_text(key, text)
+    return info
 
 
 def _claim_name(tmp: Path, outdir: Path, prefix: str, seed: int | None) -> Path:

@@ -407,8 +407,11 @@ class HiresPlan:
 
 def hires_plan(width, height, scale, hires_width, hires_height, upscaler, steps, denoising, factor, steps_given=False):
     """Validate hires fix settings; the target is scale x the first pass, or hires_width x hires_height."""
-    if upscaler not in LATENT_UPSCALERS and upscaler not in IMAGE_UPSCALERS:
-        raise ValueError(f"hires upscaler {upscaler!r}: choose one of {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+    if not isinstance(upscaler, str) or not upscaler.strip():
+        raise ValueError(f"hires upscaler {upscaler!r}: choose one of {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])} "
+                         f"or an upscaler model's name")
+    # any other name is an upscaler model (R-ESRGAN 4x+, 4x-UltraSharp, ...): the pipeline finds it in its
+    # upscaler folders before the first pass runs
     denoising = check_strength(denoising)
     if hires_width or hires_height:
         w = hires_width or int(width * hires_height / height)

@@ -226,3 +226,9 @@ def _requested_bytes(text):
     """The size in ONNX Runtime's "requested buffer of size N" message, or None."""
     found = re.search(r"buffer of size (\d+)", text)
     return int(found.group(1)) if found else None
+
+# ---------------------------------------------------------------------------------------------- upscaling
+# the Extras tab's "scale by" (A1111's slider stops at 8) and the largest image an upscale may produce or
+# pass through: a 4x model run toward 2x on a 2048 image makes 8192x8192 before Lanczos brings it down
+MAX_UPSCALE_BY = 8.0
+MAX_UPSCALE_PIXELS = 8192 * 8192

@@ -17,10 +17,11 @@ from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
 from .image import latents_to_images
-from .img2img import IMAGE_UPSCALERS, to_array, upscale_latents
+from .img2img import LATENT_UPSCALERS, to_array, upscale_latents
 from .manifest import load_manifest
 from .prompt import extract_networks
 from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
+from .postprocess.upscale import Upscalers, resize_with, upscaler_folders
 from .request import MAX_SEED, GenerationRequest  # noqa: F401  (MAX_SEED: re-exported, doors use it)
 from .runtime import providers as providers_mod
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LORA_DIR = Path("models") / "Lora"
 DEFAULT_EMBEDDINGS_DIR = Path("models") / "embeddings"
 DEFAULT_HYPERNETWORK_DIR = Path("models") / "hypernetworks"
+DEFAULT_MODELS_ROOT = Path("models")  # A1111's: the upscaler folders ESRGAN, RealESRGAN, SwinIR are under it
 # k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
 BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
@@ -73,7 +75,8 @@ def _existing(folder):
 class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
-    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None):
+    def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None,
+                 upscaler_dirs=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
@@ -85,6 +88,8 @@ class Pipeline:
         self.hypernetwork_dir = Path(hypernetwork_dir or DEFAULT_HYPERNETWORK_DIR)
         self._hypernetworks = None  # adapters.hypernetwork_graph.UnetHypernetworks, made on the first tag
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
+        # the hires fix's upscaler models, by A1111's names; their sessions are made on first use
+        self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
@@ -101,7 +106,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
-             hypernetwork_dir=None):
+             hypernetwork_dir=None, upscaler_dirs=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
@@ -109,11 +114,14 @@ class Pipeline:
         where `<hypernet:name:multiplier>` tags find their .pt files (default models/hypernetworks). lowmem: create
         each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
         memory follows the largest component instead of their sum, at the cost of session creation time.
+        upscaler_dirs: where the hires fix finds upscaler models by name (default A1111's models/ESRGAN,
+        models/RealESRGAN and models/SwinIR; see postprocess.upscale.upscaler_folders).
         device: the OpenVINO device (CPU, GPU, GPU.1, NPU, AUTO; default a GPU when present, else the CPU).
         A provider named here that does not start on a one-node graph is a ProviderError."""
         manifest = load_manifest(path)
         return cls(path, manifest, providers_mod.plan(provider, device_id, device), lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir, lowmem=lowmem, hypernetwork_dir=hypernetwork_dir)
+                   embeddings_dir=embeddings_dir, lowmem=lowmem, hypernetwork_dir=hypernetwork_dir,
+                   upscaler_dirs=upscaler_dirs)
 
     @property
     def providers(self):
@@ -276,6 +284,8 @@ class Pipeline:
         self._ran = {}
         request = _request(prompt, negative_prompt, settings)
         plan = request.validate(self.manifest, self.model_sigmas)
+        if plan.hires is not None and plan.hires.upscaler not in LATENT_UPSCALERS:
+            self.upscalers.get(plan.hires.upscaler)  # an unknown or unconverted model fails before any pass
         hooks = _Hooks(_check_latents(latents, plan, request.prompt), callback, noise_sampler, preview, on_batch)
         refiner = self._refiner(request.refiner.refiner)
         job = self._prepare(request, plan, refiner)
@@ -364,7 +374,8 @@ class Pipeline:
         if hr.upscaler.startswith("Latent"):
             start = upscale_latents(x, shape[1:], hr.upscaler)
         else:
-            images = [im.resize((hr.width, hr.height), IMAGE_UPSCALERS[hr.upscaler])
+            upscaler = self.upscalers.get(hr.upscaler)  # A1111's resize_image with the hires upscaler
+            images = [resize_with(im, hr.width, hr.height, upscaler)
                       for im in self.decode(x, tiled=tiled, tiling=plan.tiling)]
             start = self.encode_images(np.concatenate([to_array(im) for im in images]), tiled, plan.tiling)
         # an inpainting model repaints everything in the second pass, as in txt2img (A1111)

@@ -265,7 +265,8 @@ class HiresPart(_Part):
     hires_height: int = option(0, "Hires resize", "Second pass height (0: from the scale or the width).")
     hires_upscaler: str = option("Latent", "Hires upscaler", "Latent, Latent (antialiased), Latent (bicubic), "
                                  "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), Lanczos, "
-                                 "Nearest or None.")
+                                 "Nearest, None. Or an upscaler model by A1111's name (R-ESRGAN 4x+, 4x-UltraSharp, "
+                                 "...) from models/ESRGAN, models/RealESRGAN, models/SwinIR.")
     hires_steps: int = option(0, "Hires steps", "Second pass steps (0: as many as --steps).")
     hires_denoising: float = option(0.7, "Denoising strength", "Second pass denoising strength.")
     hires_sampler: str = option(None, "Hires sampler", "Second pass sampler [the first pass's].", kind=str)

@@ -117,7 +117,7 @@ def test_unsupported_fields_and_unknown_ones_are_reported():
 
 @pytest.mark.parametrize("body, options, status, words", [
     ({"sampler_name": "Euler z"}, {}, 404, "DPM++ 2M"),
-    ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, {}, 422, "Latent (bicubic)"),
+    ({"enable_hr": True, "hr_upscaler": " "}, {}, 422, "Latent (bicubic)"),
     ({"refiner_checkpoint": "sdxl-refiner"}, {}, 404, "available: refiner"),
     ({}, {"randn_source": "GPU2"}, 422, "CPU"),
     ({}, {"CLIP_stop_at_last_layers": 0}, 422, "from 1 to 24"),

@@ -41,26 +41,21 @@ class Found:
 
 
 def scan(folders, kind, naming=None):
-    """Every model of `kind` in `folders` (missing folders are skipped), in folder order then by name.
+    """Every model of `kind` in `folders` (missing folders are skipped): folder by folder, by name within one.
 
     Unconverted files are taken to be of `kind`: they sit in that kind's folders. naming(stem) -> the
     user-facing name of a model made from a file of that stem (default: the stem, as A1111)."""
     naming = naming or (lambda stem: stem)
-    found, stems = {}, set()
-    for folder in (Path(f) for f in folders if f):
-        if not folder.is_dir():
-            continue
-        for manifest, path in _converted(folder, kind):
-            name = naming(manifest.name)
-            stems.add(Path(manifest.source.get("file", manifest.name)).stem)
-            found.setdefault(name, Found(name, kind, folder=path, manifest=manifest))
-    for folder in (Path(f) for f in folders if f):
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in MODEL_FILE_SUFFIXES and path.stem not in stems:
-                name = naming(path.stem)
-                found.setdefault(name, Found(name, kind, source=path))
+    folders = [Path(f) for f in folders if f and Path(f).is_dir()]
+    converted = {folder: [Found(naming(m.name), kind, folder=path, manifest=m) for m, path in _converted(folder, kind)]
+                 for folder in folders}
+    made_from = {Path(f.manifest.source.get("file", f.manifest.name)).stem for found in converted.values() for f in found}
+    found = {}
+    for folder in folders:
+        files = [Found(naming(p.stem), kind, source=p) for p in folder.iterdir()
+                 if p.is_file() and p.suffix.lower() in MODEL_FILE_SUFFIXES and p.stem not in made_from]
+        for model in sorted(converted[folder] + files, key=lambda f: (f.name.lower(), not f.converted)):
+            found.setdefault(model.name, model)
     return list(found.values())
 
 

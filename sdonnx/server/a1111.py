@@ -279,8 +279,9 @@ def _hires(req, t):
             t.ignored.append("denoising_strength")  # A1111's txt2img uses it for the hires pass only
         return
     upscaler = req.hr_upscaler or "Latent"  # A1111's latent_upscale_default_mode
-    if upscaler not in UPSCALERS:
-        raise TranslationError(422, f"hr_upscaler {upscaler!r} is not one of {', '.join(UPSCALERS)}")
+    if not upscaler.strip():  # another name is an upscaler model: the server and the Pipeline look it up
+        raise TranslationError(422, f"hr_upscaler {upscaler!r} is not one of {', '.join(UPSCALERS)} or an upscaler "
+                                    f"model's name")
     sampler = t.kwargs["sampler"]
     hr_sampler = None if req.hr_sampler_name in (None, *SAME) else req.hr_sampler_name
     hr_scheduler = None if req.hr_scheduler in (None, *SAME) else req.hr_scheduler

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from .. import __version__, limits
 from ..image import read_infotext, save_png
-from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
+from ..img2img import LATENT_UPSCALERS
 from ..infotext import parse_infotext
 from ..request import GenerationRequest
 from ..samplers import SAMPLER_INFO
@@ -20,6 +20,8 @@ from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
 from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
 from .codec import EncodedImage, decode_bytes, decode_image, encode_png, latent_preview
 from . import scripts
+from .extras import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, decode_images, html_info, ignored,
+                     plan_images, realesrgan_list, run_images, upscaler_list)
 from .models import UnknownModel
 from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from .worker import QueueFull
@@ -59,6 +61,7 @@ class ServerState:
     store: object
     worker: object
     outdir: Path | None = None
+    upscalers: object = None  # postprocess.upscale.Upscalers: the Extras routes' and /upscalers' models
     options: dict = field(default_factory=lambda: {**{name: default for name, (_, default) in OPTIONS.items()},
                                                    "samples_format": "png", "live_previews_enable": True})
 
@@ -144,9 +147,22 @@ def build_router(state):
         apply_options(state, options)  # A1111 answers null
 
     @router.get("/upscalers")
-    async def upscalers():  # the image upscalers hires fix can use (A1111's built-in ones; no models yet)
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in IMAGE_UPSCALERS]
+    async def upscalers():  # A1111's built-in ones and the upscaler models in the upscaler folders
+        return upscaler_list(state.upscalers)
+
+    @router.get("/realesrgan-models")
+    async def realesrgan_models():
+        return realesrgan_list(state.upscalers)
+
+    @router.post("/extra-single-image")
+    async def extra_single_image(req: ExtrasSingleImageRequest, request: Request):
+        images, text = await _extras(state, req, request)
+        return {"html_info": html_info(text), "image": images[0]}
+
+    @router.post("/extra-batch-images")
+    async def extra_batch_images(req: ExtrasBatchImagesRequest, request: Request):
+        images, text = await _extras(state, req, request)
+        return {"html_info": html_info(text), "images": images}
 
     @router.get("/latent-upscale-modes")
     async def latent_upscale_modes():
@@ -166,7 +182,7 @@ def build_router(state):
     async def hypernetworks():
         return state.store.hypernetworks()
 
-    for name in ("sd-vae", "face-restorers", "realesrgan-models", "sd-modules"):
+    for name in ("sd-vae", "face-restorers", "sd-modules"):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
     router.add_api_route("/scripts", _scripts, methods=["GET"])
     router.add_api_route("/script-info", _script_info, methods=["GET"])
@@ -222,6 +238,7 @@ def plan_generation(state, req, mode):
     width, height = (init.width // f * f, init.height // f * f) if init is not None else (manifest.native_size,) * 2
     kwargs["width"], kwargs["height"] = _check_size(kwargs.get("width") or width, kwargs.get("height") or height, f)
     batch_pixels = _check_limits(kwargs, manifest)
+    _check_hires_upscaler(state, kwargs)
     prompts = _without_missing_loras(kwargs, state.store.lora_names(), t.comments)
     try:  # every user error before the job queues; the decoded images are dropped again until it runs
         GenerationRequest.from_kwargs(**_decoded(kwargs)).validate(manifest)
@@ -230,6 +247,16 @@ def plan_generation(state, req, mode):
     return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
                 t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts,
                 batch_pixels=batch_pixels)
+
+
+def _check_hires_upscaler(state, kwargs):
+    """A hires upscaler model must be installed and converted (422 naming the choices or the convert command)."""
+    name = kwargs.get("hires_upscaler")
+    if kwargs.get("hires") and name not in LATENT_UPSCALERS and state.upscalers is not None:
+        try:
+            state.upscalers.get(name)
+        except ValueError as e:
+            raise ApiError(422, f"hr_upscaler: {e}") from None
 
 
 def _check_limits(kwargs, manifest):
@@ -381,6 +408,23 @@ async def _run_script(state, plan, req, request):
     info = {**_info(plan, req, outcome, job), **(scripts.info_fields(result) if result else {})}
     encoded = [encode_png(image, text) for image, text in zip(images, texts)] if req.send_images else []
     return {"images": encoded, "parameters": req.model_dump(), "info": json.dumps(info, ensure_ascii=False)}
+
+
+async def _extras(state, req, request):
+    """An Extras request checked (names, values, sizes) before it queues, then run on the worker ->
+    (base64 PNGs, A1111's postprocessing text)."""
+    try:
+        images = decode_images(req)
+        extras = plan_images(req, images, state.upscalers)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    if ignored(req):
+        log.warning("extras: ignoring %s (not available here)", ", ".join(ignored(req)))
+    try:
+        job = state.worker.submit(lambda job, pipeline_for: run_images(images, extras, state.upscalers), "extras")
+    except QueueFull as e:
+        raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+    return await _wait(job, request)
 
 
 async def _wait(job, request):

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, limits
 from ..image import check_writable
+from ..postprocess.upscale import Upscalers, upscaler_folders
 from .api import ApiError, ServerState, build_router
 from .codec import BadImage
 from .controlnet_api import build_controlnet_router
@@ -31,29 +32,36 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
-               max_queue=limits.MAX_QUEUED_JOBS):
+               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
     (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
     max_queue: generation requests waiting behind the running one before new ones are refused (503).
+    upscaler_dirs: where hires fix and the Extras routes find upscaler models (default A1111's ESRGAN,
+    RealESRGAN and SwinIR folders under each models folder given).
     """
     if outdir:  # found now, not when the first request's images are lost
         check_writable(outdir)
     sources = [models] if isinstance(models, (str, Path)) else list(models)
     store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs)
+    upscaler_dirs = list(upscaler_dirs if upscaler_dirs is not None else
+                         [d for s in sources for d in upscaler_folders(s)])
+    provider_plan = None
     if load_pipeline is None:
         from ..pipeline import Pipeline
         from ..runtime.providers import plan
 
-        plan(provider, device_id, device)  # a provider that does not start fails here, not at the first request
+        # a provider that does not start fails here, not at the first request
+        provider_plan = plan(provider, device_id, device)
 
         def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
             return Pipeline.load(path, provider=provider, device_id=device_id, device=device,
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
-                                 hypernetwork_dir=store.hypernetwork_dir)
+                                 hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs)
 
-    state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None)
+    state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None,
+                        upscalers=Upscalers(upscaler_dirs, provider_plan))
 
     @asynccontextmanager
     async def lifespan(app):

@@ -4,9 +4,9 @@ import binascii
 import io
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from ..image import ImageError, image_size, open_image
+from ..image import ImageError, image_size, open_image, png_texts
 
 # A1111 "Approx cheap" live preview: SD 1.x/2.x latent channels -> RGB (sd_vae_approx.cheap_approximation)
 _CHEAP_RGB = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
@@ -17,11 +17,10 @@ class BadImage(ValueError):
     """A request's image field is not decodable base64 image data."""
 
 
-def encode_png(image, infotext=None):
-    """PIL image -> base64 PNG (no data: prefix) carrying ``infotext`` as the "parameters" chunk, as A1111."""
-    info = PngImagePlugin.PngInfo()
-    if infotext:
-        info.add_text("parameters", infotext)
+def encode_png(image, infotext=None, texts=None):
+    """PIL image -> base64 PNG (no data: prefix) carrying ``infotext`` as the "parameters" chunk, as A1111,
+    and the other text chunks in ``texts``."""
+    info = png_texts(infotext, texts)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return base64.b64encode(buf.getvalue()).decode("ascii")
