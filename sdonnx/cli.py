@@ -6,7 +6,6 @@ from pathlib import Path
 import click
 
 from .cli_upscale import folders_from, upscaler_folder_options
-from .cli_upscale import upscale as _upscale
 
 
 # the errors a user can cause; they print one line and exit non-zero, never a traceback. Running out of
@@ -195,6 +194,7 @@ class _Commands(click.Group):
         "batch": "sdonnx.cli_batch:batch",
         "xyz": "sdonnx.cli_xyz:xyz",
         "prompt-matrix": "sdonnx.cli_xyz:prompt_matrix",
+        "upscale": "sdonnx.cli_upscale:upscale",
     }
 
     @classmethod
@@ -462,8 +462,6 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
     click.echo(f"sdonnx serving on http://{host}:{port}/ (API at /sdapi/v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else "warning")
 
-
-main.add_command(_upscale)  # `sdonnx upscale`, in its own module
 
 if __name__ == "__main__":
     main()
