@@ -12,9 +12,9 @@ from sdonnx import limits
 from sdonnx.infotext import format_infotext, parse_infotext
 from sdonnx.plots import matrix
 from sdonnx.plots.axes import NOTHING, Cell, Context, axis_types, find_axis_type, parse_axis, reorder
-from sdonnx.plots.grid import Label, annotate, image_grid, labels, layout
+from sdonnx.plots.grid import Label, image_grid, labels, layout
 from sdonnx.plots.values import expand_numbers, split_values
-from sdonnx.plots.xyz import XYZPlot, assemble, expand, finish, fix_seeds, script_params, with_params, CellResult
+from sdonnx.plots.xyz import CellResult, XYZPlot, assemble, expand, finish, fix_seeds, script_params, with_params
 from sdonnx.request import GenerationRequest
 
 RANGES = [  # (text, kind, values)

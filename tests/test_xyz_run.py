@@ -16,7 +16,6 @@ from sdonnx.cli import main
 from sdonnx.image import read_infotext
 from sdonnx.infotext import parse_infotext
 from sdonnx.pipeline import Pipeline
-from sdonnx.plots.axes import Context, parse_axis
 from sdonnx.plots.grid import layout, labels
 
 httpx = pytest.importorskip("httpx")
