@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli import _cli_request, _fail, _request_options
+from .cli_upscale import folders_from, upscaler_folder_options
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _shared_options(command):
     ]
     for option in reversed(options):
         command = option(command)
-    return _request_options(command)
+    return upscaler_folder_options(_request_options(command))
 
 
 def _manifests(model):
@@ -98,15 +99,28 @@ def _rgb(path):
         return image.convert("RGB")
 
 
-def _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir):
+def _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir, upscaler_dirs):
     """load(model) for the job runner: picklable, with absolute folders (Ray workers may run elsewhere)."""
     import functools
 
     from .cli_batch import _absolute, _load
 
     return functools.partial(_load, provider=provider, device_id=device_id, device=device,
+                             upscaler_dirs=[str(Path(d).resolve()) for d in upscaler_dirs],
                              **_absolute(lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                          hypernetwork_dir=hypernetwork_dir))
+
+
+def _upscaler_folders(fields):
+    """The upscaler folders the folder flags give (taken out of the request's flags)."""
+    names = ("models_root", "esrgan_models_path", "realesrgan_models_path", "swinir_models_path")
+    return folders_from(*(fields.pop(name) for name in names))
+
+
+def _upscaler_names(folders):
+    from .postprocess.upscale import Upscalers
+
+    return tuple(m.name for m in Upscalers(folders).models())
 
 
 def _save_grids(result, outdir, prefix):
@@ -166,16 +180,18 @@ def xyz(prompt, x_spec, y_spec, z_spec, legend, include_images, include_sub_grid
 
     try:
         check_writable(outdir)
+        upscalers = _upscaler_folders(fields)
         request = _cli_request(prompt, model, None, None, None, fields)
         find, choices = model_finder(model)
         styles = read_styles(styles_file or Path(model).resolve().parent / "styles.csv")
-        context = Context("img2img" if request.init.init_image is not None else "txt2img", styles, find, choices)
+        context = Context("img2img" if request.init.init_image is not None else "txt2img", styles, find, choices,
+                          _upscaler_names(upscalers))
         plot = plot_mod.XYZPlot(_axis(x_spec, context, "x"), _axis(y_spec, context, "y"), _axis(z_spec, context, "z"),
                                 legend, include_images, include_sub_grids, keep_random_seeds, _vary(vary_seeds), margin)
         plot, request = plot_mod.fix_seeds(plot, request)
         cells = plot_mod.expand(plot, request, context)
         plot_mod.check_cells(cells, _manifests(model))
-        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
+        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir, upscalers)
         results = run_cells(cells, model, outdir, load, _ray_or_here(ray))
         _save_grids(plot_mod.finish(plot, cells, results), outdir, "xyz_grid")
     except _errors() as e:
@@ -216,12 +232,13 @@ def prompt_matrix(prompt, put_at_start, different_seeds, prompt_type, delimiter,
 
     try:
         check_writable(outdir)
+        upscalers = _upscaler_folders(fields)
         request = _cli_request(prompt, model, None, None, None, fields)
         options = matrix_mod.PromptMatrix(put_at_start, different_seeds, prompt_type, delimiter, margin)
         _, request = fix_seeds(XYZPlot(), request)
         parts, cells = matrix_mod.expand(options, request)
         check_cells(cells, _manifests(model))
-        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir)
+        load = _loader(provider, device_id, device, lora_dir, embeddings_dir, hypernetwork_dir, upscalers)
         results = run_cells(cells, model, outdir, load)
         _save_grids(matrix_mod.finish(options, parts, results), outdir, "prompt_matrix")
     except _errors() as e:

@@ -128,6 +128,14 @@ def test_bad_axis_values_are_refused(kind, text, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+def test_hires_upscaler_models_found_are_choices():
+    context = Context(upscalers=("4x-UltraSharp", "R-ESRGAN 4x+"))
+    axis = parse_axis("Hires upscaler", "Latent (bicubic), Lanczos, R-ESRGAN 4x+", context)
+    assert axis.values == ("Latent (bicubic)", "Lanczos", "R-ESRGAN 4x+")
+    with pytest.raises(ValueError, match="'4x-Other' is not one of .*4x-UltraSharp, R-ESRGAN 4x\\+"):
+        parse_axis("Hires upscaler", "4x-Other", context)
+
+
 def _request(**kw):
     return GenerationRequest.from_kwargs(**{"prompt": "a cat in the snow", "negative_prompt": "blurry", "seed": 5,
                                             **kw})

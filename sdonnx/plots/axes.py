@@ -43,12 +43,14 @@ class Context:
     """What axis values are checked against: the mode, the styles and the models a door knows.
 
     styles: {name: (prompt, negative prompt)} (A1111's styles.csv); find_model(name) -> a model object with
-    .path (raises ValueError naming the choices); model_choices: the names to offer."""
+    .path (raises ValueError naming the choices); model_choices: the names to offer; upscalers: the names of
+    the upscaler models found (the built-in hires upscalers are always there)."""
 
     mode: str = "txt2img"
     styles: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
     find_model: Callable = None
     model_choices: tuple = ()
+    upscalers: tuple = ()
 
     def model(self, name, what):
         if self.find_model is None:
@@ -199,7 +201,7 @@ def _schedules(context):
 def _upscalers(context):
     from ..img2img import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
-    return [*LATENT_UPSCALERS, *IMAGE_UPSCALERS]
+    return [*LATENT_UPSCALERS, *IMAGE_UPSCALERS, *context.upscalers]
 
 
 def _check_sampler(value, context):

@@ -391,7 +391,7 @@ async def _run_script(state, plan, req, request):
         name = scripts.find_script(req.script_name)
         base = scripts.base_request(_decoded(plan.kwargs), plan.seed, plan.batch_size, plan.n_iter)
         script = scripts.plan_script(name, req.script_args, base, req.seed in (-1, None),
-                                     scripts.context_for(state.store, plan.mode),
+                                     scripts.context_for(state.store, plan.mode, state.upscalers),
                                      lambda model: (model or plan.entry).manifest, state.store.find)
     except ValueError as e:  # the script's arguments, a cell's value, a model name or a limit
         raise ApiError(422, str(e)) from None

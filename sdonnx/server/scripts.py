@@ -298,9 +298,10 @@ def info_fields(result):
             "index_of_first_image": result.grids, "version": f"sdonnx {__version__}"}
 
 
-def context_for(store, mode):
-    """The axis context of a served request: its mode, the served styles and models."""
-    return Context(mode, store.styles(), store.find, tuple(m.title for m in store.models))
+def context_for(store, mode, upscalers=None):
+    """The axis context of a served request: its mode, the served styles, models and upscaler models."""
+    names = tuple(m.name for m in upscalers.models()) if upscalers is not None else ()
+    return Context(mode, store.styles(), store.find, tuple(m.title for m in store.models), names)
 
 
 def base_request(kwargs, seed, batch_size, batch_count):
