@@ -233,3 +233,48 @@ def test_http_extras_refusals(http, fields, status, words):
     body = {"image": _b64(image), **{k: v for k, v in fields.items() if not (k == "image" and v == "big")}}
     r = http.post(f"{API}/extra-single-image", json=body)
     assert r.status_code == status and words in r.text, r.text
+
+
+# ------------------------------------------------------------------ web page
+
+def test_web_page_extras_tab(tiny_onnx, upscaler_root, tmp_path_factory, tmp_path):
+    """The Extras tab lists the upscalers, sends the image with A1111's field names and shows the result."""
+    from test_server import Chromium, LiveServer, _open_page
+    import shutil
+
+    from sdonnx.server import create_app
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        pytest.skip("no chromium/chrome on PATH (apt-get install chromium) to drive the web page")
+    served = tmp_path_factory.mktemp("served-page")
+    (served / "tiny").symlink_to(tiny_onnx("sd1"), target_is_directory=True)
+    app = create_app(served, provider="cpu", upscaler_dirs=upscaler_folders(upscaler_root[0]))
+    with LiveServer(app) as server:
+        browser = Chromium(binary, tmp_path / "profile")
+        try:
+            _open_page(browser, server)
+            browser.wait_for("document.getElementById('extras_upscaler_1').options.length > 3")
+            assert browser.js("[...document.getElementById('extras_upscaler_1').options].map(o => o.value)") == \
+                ["None", "Lanczos", "Nearest", "4x-Tiny", "4x_Later", "R-ESRGAN General 4xV3"]
+            browser.js("""(async () => {
+                document.querySelector('.tab[data-tab=extras_tab]').click();
+                const c = document.createElement('canvas'); c.width = 40; c.height = 32;
+                c.getContext('2d').fillRect(5, 5, 20, 10);
+                const blob = await new Promise(r => c.toBlob(r, 'image/png'));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([blob], 'in.png', {type: 'image/png'}));
+                const input = document.getElementById('extras_image');
+                input.files = transfer.files;
+                input.dispatchEvent(new Event('change'));
+                await new Promise(r => setTimeout(r, 200));
+                document.getElementById('extras_upscaler_1').value = '4x-Tiny';
+                document.getElementById('extras_upscaling_resize').value = '2';
+                document.getElementById('extras_run').click();
+            })()""")
+            browser.wait_for("document.getElementById('extras_result').naturalWidth === 80")
+            assert browser.js("document.getElementById('extras_info').textContent") == \
+                "Postprocess upscale by: 2, Postprocess upscaler: 4x-Tiny"
+            assert browser.js("document.getElementById('extras_tab').hidden") is False
+        finally:
+            browser.close()
