@@ -171,6 +171,19 @@ def test_api_bad_scripts_are_refused_before_they_queue(client, script, args, wor
     assert client.get(f"{API}/progress").json()["state"]["job_count"] == 0
 
 
+def test_api_lora_strengths_by_prompt_sr(client):
+    # the A1111 way to plot a LoRA's strength: Prompt S/R on the tag's weight (the served Lora/detail file)
+    body = {**BASE, "prompt": "a cat <lora:detail:0.1>", "script_name": "x/y/z plot",
+            "script_args": {"x_type": "Prompt S/R", "x_values": "detail:0.1, detail:3", "include_lone_images": True}}
+    r = client.post(f"{API}/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    weak, strong = (np.asarray(_image(b).convert("RGB"), np.int16) for b in r.json()["images"][1:])
+    assert info["all_prompts"][1:] == ["a cat <lora:detail:0.1>", "a cat <lora:detail:3>"]
+    assert all("Lora hashes" in text for text in info["infotexts"])
+    assert np.abs(weak - strong).mean() > 1  # the strength reaches the UNet
+
+
 def test_api_img2img_plot_saved_as_a1111(client, outputs):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
