@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 
 from .jobs import Worker, wire_settings
@@ -67,17 +68,30 @@ def _connect(ray, address):
 
 
 def _start_workers(ray, load, workers):
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     count = workers or gpus or 1
-    if count < 1:
-        raise ValueError(f"--workers {workers}: give 1 or more")
     if not workers and not gpus:
         log.warning("no GPUs in the Ray cluster: 1 CPU worker (--workers N for more)")
-    # one GPU per actor: Ray sets CUDA_VISIBLE_DEVICES, so the actor's device 0 is its own GPU
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    actor = ray.remote(max_restarts=RESTARTS, **resources)(Worker)
-    log.info("starting %d Ray worker(s), each on %s", count, "a GPU" if gpus else "a CPU slot")
+    slots, kind = (gpus, "GPU") if gpus else (cpus, "CPU")
+    if count > slots:
+        # an actor that cannot be placed would hold its jobs forever
+        raise ValueError(f"--workers {count}: the Ray cluster has {slots} {kind}(s); give at most {slots}")
+    actor = ray.remote(max_restarts=RESTARTS, **_worker_resources(gpus, cpus, count))(Worker)
+    log.info("starting %d Ray worker(s), each on %s", count, "a GPU" if gpus else f"{cpus // count} CPU(s)")
     return [actor.remote(load) for _ in range(count)]
+
+
+def _worker_resources(gpus, cpus, count):
+    """One GPU per actor (Ray sets CUDA_VISIBLE_DEVICES: the actor's device 0 is its own GPU); without GPUs an
+    equal share of the CPUs, and as many ONNX Runtime threads, so that workers on one node do not each start
+    a thread per core (SDONNX_THREADS set by the user is kept)."""
+    if gpus:
+        return {"num_gpus": 1}
+    share = max(1, cpus // count)
+    if "SDONNX_THREADS" in os.environ:
+        return {"num_cpus": share}
+    return {"num_cpus": share, "runtime_env": {"env_vars": {"SDONNX_THREADS": str(share)}}}
 
 
 def _dispatch(ray, actors, jobs, order):

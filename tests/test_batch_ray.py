@@ -75,14 +75,18 @@ def test_an_interrupted_ray_run_resumes_without_redoing_finished_images(cluster,
         if len(written) == 2:
             raise KeyboardInterrupt
 
+    jobs = jobs_of(model)
     with pytest.raises(KeyboardInterrupt):
-        run_jobs(jobs_of(model), tmp_path, ray="", workers=2, on_image=stop_after_two)
-    done = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
-    assert len(done) == 2 and not list(tmp_path.glob(".*"))  # whole files only
+        run_jobs(jobs, tmp_path, ray="", workers=2, on_image=stop_after_two)
+    assert len(list(tmp_path.glob("*.png"))) == 2 and not list(tmp_path.glob(".*"))  # whole files only
+    # the jobs all of whose images were written (job 01 makes two: it may have been cut between them)
+    finished = [j for j in jobs if all((tmp_path / n).exists() for n in j.file_names())]
+    done = {n: (tmp_path / n).stat().st_mtime_ns for j in finished for n in j.file_names()}
+    assert finished
     written.clear()
-    results = run_jobs(jobs_of(model), tmp_path, ray="", workers=2, on_image=lambda j, p: written.append(p.name))
-    assert sorted(written + list(done)) == sorted(local_files)  # each image made once over the two runs
-    assert sum(r.skipped for r in results) >= 1
+    results = run_jobs(jobs, tmp_path, ray="", workers=2, on_image=lambda j, p: written.append(p.name))
+    assert sorted(written) == sorted(set(local_files) - set(done))  # the rest made, the finished jobs not
+    assert [r.skipped for r in results] == [j in finished for j in jobs]
     assert all((tmp_path / n).stat().st_mtime_ns == stamp for n, stamp in done.items())
     assert files(tmp_path) == local_files
 
@@ -120,3 +124,9 @@ def test_a_killed_worker_has_its_jobs_run_elsewhere(cluster, model, local_files,
     assert dead.isdigit()  # a worker was killed in the middle of job 02
     assert not results[2].worker.startswith(dead + "@")  # ...and the job ran in another process
     assert files(out) == local_files
+
+
+def test_more_workers_than_the_cluster_holds_is_refused(cluster, model, tmp_path):
+    # an actor Ray cannot place would hold its jobs forever
+    with pytest.raises(ValueError, match="--workers 3: the Ray cluster has 2 CPU"):
+        run_jobs(jobs_of(model, 1), tmp_path, ray="", workers=3)

@@ -1,0 +1,118 @@
+"""Images per minute of `run_jobs` here (the plain local loop) against 1 and 2 local Ray workers, same machine,
+same run, and what Ray costs per image.
+
+    python bench/batch_ray.py                                   # tiny SD 1.x built here (Ray's overhead shows)
+    python bench/batch_ray.py --model models/sd15 --size 256 --steps 10 --images 8
+
+Each engine runs the same jobs (distinct prompts, fixed seeds) into its own folder; the files are checked to
+be byte-identical to the local loop's. Reported per engine: wall time of the whole run_jobs call (actor
+start and model load included), the steady rate (images after the first, over the time from the first image
+written to the last: what a long batch sees), and Ray's overhead per image: its steady seconds per image
+with one worker minus the local loop's (dispatch, pickling the request and the image, the object store, the
+driver's write). Ray starts once (ray.init, not counted; printed apart). CPU workers get an equal share of
+the CPUs as ONNX Runtime threads (sdonnx/jobs_ray.py), the local loop one thread per physical core. The
+engines take turns for --repeats rounds and the medians are reported.
+
+The 1-minute load average before and after is printed and saved: on a shared machine compare the ratios of
+one run only. Results: bench/results/batch_ray-<date>.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from sdonnx import GenerationRequest  # noqa: E402
+from sdonnx.jobs import Job, run_jobs  # noqa: E402
+
+
+def tiny_model(folder):
+    import tiny_models
+
+    from converters.convert import convert
+
+    tiny_models.save_pipeline(folder / "diffusers", "sd1")
+    convert(folder / "diffusers", folder / "model")
+    return folder / "model"
+
+
+def jobs_for(model, count, size, steps):
+    return [Job(GenerationRequest.from_kwargs(prompt=f"a photo of item {n}, studio light", seed=1000 + n,
+                                              steps=steps, width=size, height=size), str(model), f"{n:04}")
+            for n in range(count)]
+
+
+def timed(jobs, outdir, **options):
+    """(wall seconds, steady images per minute) of one run_jobs call."""
+    stamps = []
+    start = time.perf_counter()
+    run_jobs(jobs, outdir, resume=False, on_image=lambda job, path: stamps.append(time.perf_counter()), **options)
+    wall = time.perf_counter() - start
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) * 60 if len(stamps) > 1 else float("nan")
+    return wall, steady
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).glob("*.png")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="converted model folder [a tiny SD 1.x built here]")
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    import ray
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or tiny_model(tmp)
+        jobs = jobs_for(model, args.images, args.size, args.steps)
+        start = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        ray_start = time.perf_counter() - start
+        engines = {"local loop": {}, "ray, 1 worker": {"ray": "", "workers": 1},
+                   "ray, 2 workers": {"ray": "", "workers": 2}}
+        runs = {name: [] for name in engines}
+        for _ in range(args.repeats):  # alternating rounds: load that comes and goes hits every engine alike
+            for n, (name, options) in enumerate(engines.items()):
+                runs[name].append(timed(jobs, tmp / str(n), **options))
+                assert files(tmp / str(n)) == files(tmp / "0"), "Ray's files differ from the local loop's"
+        ray.shutdown()
+    load_after = os.getloadavg()[0]
+    rows = {name: (statistics.median(w for w, _ in r), statistics.median(s for _, s in r)) for name, r in runs.items()}
+    report(args, rows, ray_start, load_before, load_after)
+
+
+def report(args, rows, ray_start, load_before, load_after):
+    local_steady = rows["local loop"][1]
+    print(f"{args.images} images {args.size}x{args.size}, {args.steps} steps, model {args.model or 'tiny SD 1.x'}, "
+          f"medians of {args.repeats} alternating rounds; "
+          f"{os.cpu_count()} CPUs; load {load_before:.2f} before, {load_after:.2f} after; ray.init {ray_start:.1f} s")
+    print(f"{'engine':20} {'wall s':>8} {'img/min (wall)':>15} {'img/min (steady)':>17} {'vs local':>9}")
+    for name, (wall, steady) in rows.items():
+        print(f"{name:20} {wall:8.1f} {args.images / wall * 60:15.1f} {steady:17.1f} {steady / local_steady:8.2f}x")
+    overhead = 60 / rows["ray, 1 worker"][1] - 60 / local_steady
+    print(f"Ray's overhead per image (1 worker, steady): {overhead * 1000:.0f} ms")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"images": args.images, "size": args.size, "steps": args.steps, "model": str(args.model or "tiny"),
+              "repeats": args.repeats,
+              "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
+              "ray_init_s": ray_start, "overhead_per_image_s": overhead,
+              "runs": {name: {"wall_s": wall, "steady_images_per_min": steady} for name, (wall, steady) in rows.items()}}
+    path = args.out / f"batch_ray-{time.strftime('%Y-%m-%d-%H%M')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
