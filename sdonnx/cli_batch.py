@@ -41,6 +41,8 @@ def batch(file, model, outdir, resume, ray_address, workers, provider, device_id
 
     try:
         ray_address = _ray_or_here(ray_address)
+        if ray_address is not None and device_id:
+            raise ValueError(f"--device-id {device_id} with --ray: Ray gives each worker its own GPU as device 0")
         jobs = _jobs(_read(file), model, _given(fields))
         load = functools.partial(_load, provider=provider, device_id=device_id, device=device,
                                  **_absolute(lora_dir=lora_dir, embeddings_dir=embeddings_dir,

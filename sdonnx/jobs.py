@@ -250,8 +250,8 @@ def _finished(path, expected, job):
         with Image.open(path) as img:
             text = img.info.get("parameters") if img.format == "PNG" else None
             img.verify()
-    except (OSError, SyntaxError, ValueError) as e:
-        log.info("%s is not a whole PNG (%s): made again", path, e)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        log.info("%s is not a whole PNG of a sane size (%s): made again", path, e)
         return False
     if text is None or not _same_infotext(text, expected, job):
         log.info("%s holds other settings than job %s: made again", path, job.name)

@@ -1,6 +1,8 @@
 """Jobs run here (sdonnx/jobs.py), A1111's prompts-file format and `sdonnx batch` (Ray: tests/test_batch_ray.py)."""
 import shutil
+import struct
 import sys
+import zlib
 
 import pytest
 from click.testing import CliRunner
@@ -144,11 +146,24 @@ def test_an_interrupted_run_resumes_without_redoing_finished_images(model, load,
     results = run_jobs(jobs, out, load=load, on_image=lambda j, p: written.append(p.name))
     assert written == ["2.png", "3.png"] and [r.skipped for r in results] == [True, True, False, False]
     assert all((out / n).read_bytes() == data for n, data in done.items())
+    # a file whose header claims a giant image (a decompression bomb) is no finished image either
+    (out / "3.png").write_bytes(giant_png_header())
+    written.clear()
+    assert [r.skipped for r in run_jobs(jobs, out, load=load, on_image=lambda j, p: written.append(p.name))] == \
+        [True, True, True, False]
+    assert written == ["3.png"] and Image.open(out / "3.png").size == (64, 64)
     # a random seed (-1) is finished by an image of any seed; --no-resume makes everything again
     random_job = [job(model, "r", "prompt r", seed=-1)]
     first = run_jobs(random_job, out, load=load)[0]
     assert not first.skipped and run_jobs(random_job, out, load=load)[0].skipped
     assert not run_jobs(random_job, out, load=load, resume=False)[0].skipped
+
+
+def giant_png_header():
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 def test_a_bad_job_is_refused_before_anything_runs(model, tmp_path):
@@ -204,3 +219,11 @@ def test_batch_command_refuses_bad_files_in_one_line(model, tmp_path, text, mess
     code, stdout, stderr = run("batch", prompts, "-m", model, "-o", tmp_path / "out")
     assert code == 2 and stderr.startswith(message) and stderr.count("\n") == 1 and stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_on_ray_refuses_a_device_id(model, tmp_path):
+    pytest.importorskip("ray")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    code, _, stderr = run("batch", prompts, "-m", model, "-o", tmp_path / "out", "--ray", "--device-id", 1)
+    assert code == 2 and stderr.startswith("error: --device-id 1 with --ray: Ray gives each worker its own GPU")
