@@ -42,8 +42,8 @@ def _levels(a, b):
 
 
 @pytest.mark.parametrize("name, size, tile, overlap", [
-    ("4x-Tiny", (150, 110), 64, 8),  # 3 x 2 tiles, the last ones flush with the edges
-    ("R-ESRGAN 2x+", (130, 70), 48, 16),  # unshuffling model, wider overlap
+    ("4x-Tiny", (90, 60), 40, 8),  # 3 x 2 tiles, the last ones flush with the edges
+    ("R-ESRGAN 2x+", (80, 50), 32, 12),  # unshuffling model, wider overlap: 4 x 2 tiles
     ("R-ESRGAN AnimeVideo", (50, 40), 64, 8),  # smaller than one tile: padded black, as A1111
     ("R-ESRGAN AnimeVideo", (61, 45), 0, 0),  # tile 0: the whole image at once
 ])
@@ -121,3 +121,24 @@ def test_folders_follow_a1111(tmp_path):
     assert upscaler_folders(tmp_path) == [tmp_path / "ESRGAN", tmp_path / "RealESRGAN", tmp_path / "SwinIR"]
     assert upscaler_folders(tmp_path, esrgan="/x")[0].as_posix() == "/x"
     assert upscaler_name("RealESRGAN_x4plus") == "R-ESRGAN 4x+" and upscaler_name("4x-UltraSharp") == "4x-UltraSharp"
+
+
+def test_swinir_pass_matches_a1111(tmp_path):
+    """SwinIR as A1111 runs it: mirrored to the window, float tiles averaged (not blended), BGR."""
+    from converters.postprocess import convert_postprocess
+    from converters.postprocess.swinir import SwinIR
+    from upscaler_reference import a1111_swinir_upscale
+
+    torch.manual_seed(0)
+    module = SwinIR(embed_dim=12, depths=[2], heads=[2], ws=4, hidden=24, upsampler="nearest+conv", scale=2,
+                    resi="1conv", patch_norm=True, img_range=1.0, feat=8).eval()
+    (tmp_path / "SwinIR").mkdir()
+    torch.save(module.state_dict(), tmp_path / "SwinIR" / "SwinIR_4x.pth")
+    convert_postprocess(tmp_path / "SwinIR" / "SwinIR_4x.pth", tmp_path / "SwinIR" / "SwinIR_4x")
+    upscaler = Upscalers(upscaler_folders(tmp_path), tile=24, overlap=8).get("SwinIR 4x")
+    image = _image(45, 30)
+    got = upscaler.do_upscale(image, 2)
+    expected = a1111_swinir_upscale(module, image, 2, 4, tile=24, overlap=8)
+    assert got.size == expected.size == (90, 60)
+    worst, share = _levels(got, expected)
+    assert worst <= 1 and share < 0.01

@@ -149,3 +149,37 @@ def test_output_folder_with_other_files_is_never_replaced(tmp_path):
     with pytest.raises(PostprocessConvertError, match="not a converted model"):
         convert_postprocess(source, out, force=True)
     assert (out / "me.jpg").exists()
+
+
+# ------------------------------------------------------------------ SwinIR
+
+def _swinir(upsampler, scale, resi="1conv"):
+    from converters.postprocess.swinir import SwinIR
+
+    torch.manual_seed(0)
+    return SwinIR(embed_dim=12, depths=[2], heads=[2], ws=4, hidden=24, upsampler=upsampler, scale=scale,
+                  resi=resi, patch_norm=True, img_range=1.0, feat=8).eval()
+
+
+@pytest.mark.parametrize("upsampler, scale, resi", [("nearest+conv", 4, "3conv"), ("pixelshuffle", 2, "1conv"),
+                                                    ("pixelshuffledirect", 2, "1conv")])
+def test_swinir_converts_with_any_size(upsampler, scale, resi, tmp_path):
+    """One graph for every size: the shifted-window masks are computed in the graph from the input's size
+    (the conversion itself checks two sizes); here a third, wider one."""
+    module = _swinir(upsampler, scale, resi)
+    state = dict(module.state_dict())
+    state["layers.0.residual_group.blocks.1.attn_mask"] = torch.zeros(16, 16, 16)  # saved by SwinIR, made per size here
+    torch.save({"params_ema": state}, tmp_path / "SwinIR_4x.pth")
+    convert_postprocess(tmp_path / "SwinIR_4x.pth", tmp_path / "out")
+    manifest = _compare(module, tmp_path / "out", (1, 3, 12, 28))
+    assert (manifest.architecture, manifest.scale, manifest.tiling.mode, manifest.tiling.multiple) == \
+        ("SwinIR", scale, "average", 4)
+    assert manifest.facts["upsampler"] == upsampler
+
+
+def test_swinir_masks_match_the_slicing_definition():
+    from converters.postprocess.swinir import _shift_mask
+    from upscaler_reference import swinir_mask
+
+    for h, w, ws in ((16, 24, 8), (8, 8, 4), (12, 20, 4)):
+        assert torch.equal(_shift_mask(h, w, ws, ws // 2), swinir_mask(h, w, ws, ws // 2))

@@ -179,3 +179,41 @@ def _combine(rows, width, height, tile, overlap):
         image.paste(line.crop((0, 0, width, overlap)), (0, y), mask=mask_h)
         image.paste(line.crop((0, overlap, width, tile)), (0, y + overlap))
     return image
+
+
+# ------------------------------------------------------------------ SwinIR
+
+def swinir_mask(h, w, ws, shift):
+    """The shifted-window attention mask as SwinIR computes it: nine regions by slicing, then windows."""
+    img = torch.zeros((1, h, w, 1))
+    count = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, hs, wsl, :] = count
+            count += 1
+    windows = img.view(1, h // ws, ws, w // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def a1111_swinir_upscale(model, image, scale, window, tile=192, overlap=8):
+    """A1111's SwinIR upscale: BGR in [0, 1], mirrored to the next multiple of the window (at least one
+    more row/column), tiled_upscale_2 (tiles of min(tile, H, W), outputs averaged), crop, clamp, round."""
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1) / 255))
+    x = x.float()[None]
+    h, w = x.shape[2:]
+    x = torch.cat([x, torch.flip(x, [2])], 2)[:, :, :(h // window + 1) * window]
+    x = torch.cat([x, torch.flip(x, [3])], 3)[:, :, :, :(w // window + 1) * window]
+    size = min(tile, x.shape[2], x.shape[3])
+    stride = size - overlap
+    out = torch.zeros(1, 3, x.shape[2] * scale, x.shape[3] * scale)
+    weight = torch.zeros_like(out)
+    with torch.no_grad():
+        for top in list(range(0, x.shape[2] - size, stride)) + [x.shape[2] - size]:
+            for left in list(range(0, x.shape[3] - size, stride)) + [x.shape[3] - size]:
+                piece = model(x[..., top:top + size, left:left + size])
+                out[..., top * scale:(top + size) * scale, left * scale:(left + size) * scale] += piece
+                weight[..., top * scale:(top + size) * scale, left * scale:(left + size) * scale] += 1
+    out = (out / weight)[0, :, :h * scale, :w * scale].clamp(0, 1).numpy()
+    out = (out[[2, 1, 0]].transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(out, "RGB")

@@ -26,16 +26,23 @@ class PostprocessManifestError(ManifestError):
     """The folder is not a converted post-processing model, or its manifest is unusable."""
 
 
+TILING_MODES = ("blend", "average")
+
+
 @dataclass
 class Tiling:
     """How the graph may be run in tiles. size: the one input size a fixed-size graph takes (None: any
     size); multiple: input sides must be multiples of it; default/overlap: the tile and overlap used
-    when the caller does not choose (A1111's ESRGAN_tile and ESRGAN_tile_overlap: 192 and 8)."""
+    when the caller does not choose (A1111's ESRGAN_tile and ESRGAN_tile_overlap: 192 and 8); mode: how
+    A1111 joins the tiles of this architecture: "blend" (8-bit tiles pasted with linear ramps, ESRGAN
+    family) or "average" (float tiles summed and divided by their count, after padding the image to the
+    multiple by mirroring: SwinIR)."""
 
     size: int | None = None
     multiple: int = 1
     default: int = 192
     overlap: int = 8
+    mode: str = "blend"
 
 
 @dataclass
@@ -144,6 +151,8 @@ def _check_tiling(t):
     _whole(t.multiple, "tiling.multiple", 1, 1 << 10)
     _whole(t.default, "tiling.default", 0, 1 << 14)
     _whole(t.overlap, "tiling.overlap", 0, 1 << 12)
+    if t.mode not in TILING_MODES:
+        raise PostprocessManifestError(f"tiling.mode {t.mode!r}: expected one of {', '.join(TILING_MODES)}")
 
 
 def _whole(value, name, low, high):

@@ -110,6 +110,28 @@ def _paste(target, piece, at, overlap, vertical, mask=None):
         target.paste(piece.crop((overlap, 0, w, h)), (at + overlap, 0))
 
 
+def tiled_average(x, run, tile, overlap, scale):
+    """A1111's second tiling (tiled_upscale_2, SwinIR's): square tiles of min(tile, H, W) every tile -
+    overlap pixels plus one flush with the end, outputs summed and divided by how many covered each pixel.
+    x: [C, H, W] float32 -> [C, H*scale, W*scale]. tile 0: the whole image at once."""
+    c, h, w = x.shape
+    tile = min(tile, h, w)
+    if tile <= 0:
+        return run(x)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be from 0 to below the tile size {tile}")
+    stride = tile - overlap
+    out = np.zeros((c, h * scale, w * scale), np.float32)
+    count = np.zeros((1, h * scale, w * scale), np.float32)
+    for top in [*range(0, h - tile, stride), h - tile]:
+        for left in [*range(0, w - tile, stride), w - tile]:
+            piece = run(np.ascontiguousarray(x[:, top:top + tile, left:left + tile]))
+            rows, cols = slice(top * scale, (top + tile) * scale), slice(left * scale, (left + tile) * scale)
+            out[:, rows, cols] += piece
+            count[:, rows, cols] += 1
+    return out / count
+
+
 # ------------------------------------------------------------------------------------------ models
 
 class ModelUpscaler:
@@ -154,7 +176,26 @@ class ModelUpscaler:
 
     def do_upscale(self, image, scale):
         """One pass of the model (the scale is the model's own)."""
+        if self.manifest.tiling.mode == "average":
+            return self._averaged(image)
         return tiled(image, self.run_tile, self.tile, self.overlap)
+
+    def _averaged(self, image):
+        """A1111's SwinIR pass: BGR in [0, 1], mirrored to the next multiple of the window (always adding at
+        least one row and column), float tiles averaged, cropped, rounded to 8 bits once."""
+        m = self.manifest
+        x = np.asarray(image.convert("RGB"))[:, :, ::-1].transpose(2, 0, 1) / 255.0
+        h, w = x.shape[1:]
+        k = m.tiling.multiple
+        x = np.pad(x, ((0, 0), (0, (h // k + 1) * k - h), (0, (w // k + 1) * k - w)), mode="symmetric")
+        out = tiled_average(x.astype(np.float32), self._run_array, self.tile, self.overlap, m.scale)
+        out = np.clip(out[:, :h * m.scale, :w * m.scale], 0, 1)[::-1].transpose(1, 2, 0)
+        return Image.fromarray(np.ascontiguousarray(np.round(out * np.float32(255.0)).astype(np.uint8)), "RGB")
+
+    def _run_array(self, x):
+        """[3, h, w] float32 -> [3, h*s, w*s] float32 through the graph."""
+        m = self.manifest
+        return self.session().run({m.image_input: x[None]}, [m.image_output])[m.image_output][0]
 
 
 @dataclass(frozen=True)
