@@ -61,7 +61,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x, mask):
         n_windows_b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(n_windows_b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(n_windows_b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         attn = attn + bias.reshape(n, n, -1).permute(2, 0, 1)[None]
