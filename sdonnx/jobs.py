@@ -86,7 +86,8 @@ def run_jobs(jobs, outdir, *, load=None, ray=None, workers=None, resume=True, on
         else:
             pending.append(i)
     log.info("%d job(s): %d finished already, %d to run", len(jobs), len(jobs) - len(pending), len(pending))
-    runs = _runner(ray)(jobs, _by_model(jobs, pending), load or _default_load, ray, workers)
+    # nothing left: no Ray to start, no actor to wait for
+    runs = _runner(ray if pending else None)(jobs, _by_model(jobs, pending), load or _default_load, ray, workers)
     try:
         for i, images, infotexts, worker in runs:
             paths = _write(jobs[i], outdir, images, infotexts, expected[i], on_image)
