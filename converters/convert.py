@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdonnx.controlnet.model import FORMAT as CONTROLNET_FORMAT
 from sdonnx.infotext import model_hash
 from sdonnx.limits import MAX_MANIFEST_BYTES
 from sdonnx.manifest import (COMPONENTS, FAMILIES, FORMAT, MANIFEST_NAME, PREDICTIONS, Component, Manifest,
@@ -65,6 +66,14 @@ def convert(source, outdir, *, force=False, family=None, prediction=None, dtype=
     from .optimize import OptimizeError, Plan
 
     report = progress or (lambda message: log.info(message))
+    from .controlnet import convert_controlnet, is_controlnet
+
+    if is_controlnet(source):  # told from its keys: a ControlNet goes to its own, smaller folder layout
+        if dtype != "fp32" or optimize or quantize or family or prediction:
+            raise ConvertError(f"{source} is a ControlNet: it converts to fp32 as it is (no --dtype, --optimize, "
+                               f"--quantize, --family or --prediction)")
+        return convert_controlnet(source, outdir, force=force, tolerance=tolerance or DEFAULT_TOLERANCE["fp32"],
+                                  report=report)
     if dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     try:
@@ -217,7 +226,7 @@ def _not_a_model(folder):
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, CONTROLNET_FORMAT):
         return f"is not empty and is not an sdonnx model (no readable {MANIFEST_NAME})"
     named = {str(p).replace("\\", "/").split("/")[0] for p in _manifest_paths(manifest)}
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in _MODEL_NAMES | named)
@@ -232,7 +241,7 @@ def _manifest_paths(manifest):
     components = manifest.get("components")
     encoders = manifest.get("text_encoders")
     entries = [*(components.values() if isinstance(components, dict) else ()),
-               *(encoders if isinstance(encoders, list) else ())]
+               *(encoders if isinstance(encoders, list) else ()), manifest.get("graph")]  # a ControlNet's
     keys = ("path", "optimized_path", "tokenizer", "token_embeddings")
     return [e[k] for e in entries if isinstance(e, dict) for k in keys if isinstance(e.get(k), str) and e[k]]
 

@@ -197,3 +197,36 @@ def _open_clip_block(src, layer):
         if key.startswith(layer) and not re.search(r"self_attn\.[qkv]_proj", key):
             block[_rename(key[len(layer):], OPENCLIP_LAYER)] = value
     return block
+
+
+def controlnet_to_original(controlnet, prefix="control_model.") -> dict:
+    """{original key: tensor} of a diffusers ControlNetModel in the layout of lllyasviel's ControlNet files
+    (`control_v11p_sd15_canny.pth`): the UNet encoder as `input_blocks` / `middle_block`, the hint encoder as
+    `input_hint_block.{0,2,...,14}`, the zero convolutions as `zero_convs.N.0` and `middle_block_out.0`, all
+    under `control_model.`. The hint encoder must have diffusers' default 4 levels (conv_out is index 14)."""
+    lpb = controlnet.config.layers_per_block
+    out = {}
+    for key, value in controlnet.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            index = 0 if parts[1] == "conv_in" else 14 if parts[1] == "conv_out" else 2 * (int(parts[2]) + 1)
+            new = f"input_hint_block.{index}.{parts[-1]}"
+        elif parts[0] == "controlnet_down_blocks":
+            new = f"zero_convs.{parts[1]}.0.{parts[2]}"
+        elif parts[0] == "controlnet_mid_block":
+            new = f"middle_block_out.0.{parts[1]}"
+        elif parts[0] == "time_embedding":
+            new = f"time_embed.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
+        elif parts[0] == "add_embedding":
+            new = f"label_emb.0.{0 if parts[1] == 'linear_1' else 2}.{parts[2]}"
+        elif parts[0] == "conv_in":
+            new = f"input_blocks.0.0.{parts[1]}"
+        elif parts[0] == "down_blocks":
+            new = _unet_down(int(parts[1]), parts[2:], lpb)
+        elif parts[0] == "mid_block":
+            index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+            new = f"middle_block.{index}." + _unet_inner(parts[1], parts[3:])
+        else:
+            raise KeyError(f"unexpected ControlNet key {key}")
+        out[prefix + new] = value.detach().clone().contiguous()
+    return out

@@ -57,6 +57,9 @@ MAX_PROMPT_CHUNKS = 64
 # `AND` sub-prompts: each one is one more conditioning in every UNet batch
 MAX_PROMPT_PARTS = 16
 
+# ControlNet units of one generation: each runs its ControlNet (a copy of the UNet's encoder) at every step
+MAX_CONTROLNET_UNITS = 8
+
 # ---------------------------------------------------------------------------------------------- server
 # generations waiting behind the running one; more are refused (503) as a busy server does
 MAX_QUEUED_JOBS = 32

@@ -13,6 +13,8 @@ import numpy as np
 from .adapters.hypernetwork import hypernet_requests
 from .adapters.lora import Loras, lora_requests
 from .adapters.textual_inversion import EmbeddingDatabase, embedding_parts
+from .controlnet.model import Library
+from .controlnet.residuals import unet_graph
 from .diffusion.denoiser import cfg_denoiser
 from .diffusion.rng import ImageRNG
 from .diffusion.sigmas import betas_from_config, model_sigmas
@@ -35,6 +37,7 @@ DEFAULT_LORA_DIR = Path("models") / "Lora"
 DEFAULT_EMBEDDINGS_DIR = Path("models") / "embeddings"
 DEFAULT_HYPERNETWORK_DIR = Path("models") / "hypernetworks"
 DEFAULT_MODELS_ROOT = Path("models")  # A1111's: the upscaler folders ESRGAN, RealESRGAN, SwinIR are under it
+DEFAULT_CONTROLNET_DIR = Path("models") / "ControlNet"  # sd-webui-controlnet's folder name
 # k-diffusion draws these samplers' noise from a Brownian tree (A1111 too)
 BROWNIAN_SAMPLERS = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # A1111 runs these on DDPM timesteps: the initial latent is the unit-variance noise itself, which in
@@ -76,7 +79,7 @@ class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
     def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None,
-                 upscaler_dirs=None):
+                 upscaler_dirs=None, controlnet_dir=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
@@ -90,6 +93,8 @@ class Pipeline:
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         # the hires fix's upscaler models, by A1111's names; their sessions are made on first use
         self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan)
+        self.controlnet_library = Library((Path(controlnet_dir or DEFAULT_CONTROLNET_DIR),))
+        self._controlnets = {}  # resolved ControlNet folder -> ControlNetModel (its session made on first use)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
@@ -106,12 +111,13 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
-             hypernetwork_dir=None, upscaler_dirs=None):
+             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
         textual inversion files, used by file name in prompts (default models/embeddings); hypernetwork_dir:
-        where `<hypernet:name:multiplier>` tags find their .pt files (default models/hypernetworks). lowmem: create
+        where `<hypernet:name:multiplier>` tags find their .pt files (default models/hypernetworks); controlnet_dir:
+        the converted ControlNets units name (default models/ControlNet). lowmem: create
         each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
         memory follows the largest component instead of their sum, at the cost of session creation time.
         upscaler_dirs: where the hires fix finds upscaler models by name (default A1111's models/ESRGAN,
@@ -121,20 +127,21 @@ class Pipeline:
         manifest = load_manifest(path)
         return cls(path, manifest, providers_mod.plan(provider, device_id, device), lora_dir=lora_dir,
                    embeddings_dir=embeddings_dir, lowmem=lowmem, hypernetwork_dir=hypernetwork_dir,
-                   upscaler_dirs=upscaler_dirs)
+                   upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir)
 
     @property
     def providers(self):
         return list(self.plan.names)
 
-    def _component(self, name, base=False, networks=None, tiling=None):
+    def _component(self, name, base=False, networks=None, tiling=None, residuals=False):
         """The session facade for `name` with these extra networks (a Networks, or None) and tiling ("xy", "x",
         "y" or None), created on first use. base: the fp32 base graph even where the model has a derived
-        (optimized, fp16, int8) one."""
+        (optimized, fp16, int8) one. residuals: the UNet taking ControlNet residuals (controlnet.residuals)."""
         tiling = tiling if name in TILEABLE else None
         lora_key = networks.lora_key(name) if networks is not None else None
         chain = networks.hypernets if networks is not None and name == "unet" else ()
-        key = (name, lora_key, tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ())
+        key = (name, lora_key, tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ()) + \
+            (("residuals",) if residuals else ())
         if key not in self._components:
             kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
                     "vae_encoder": VaeEncoder}
@@ -144,9 +151,12 @@ class Pipeline:
             if base:
                 options["base"] = True
             if chain:
-                options["graph"] = self._hypernetworks.graph(chain, tiling)
-            # one LoRA / hypernetwork variant per component is kept beside the base: drop the others
-            for old in [k for k in self._components if k[0] == name and (k[1] is not None or k[3] is not None) and k != key]:
+                options["graph"] = self._hypernetworks.graph(chain, tiling, residuals=residuals)
+            elif residuals:
+                options["graph"] = unet_graph(self.folder, self.manifest, tiling)
+            # one LoRA / hypernetwork / ControlNet variant per component is kept beside the base: drop the others
+            for old in [k for k in self._components if k[0] == name and k != key
+                        and (k[1] is not None or k[3] is not None or "residuals" in k)]:
                 del self._components[old]
             self._components[key] = kind[name](self.folder, self.manifest, name, self.plan, **options)
         self._ran[name] = self._components[key].session
@@ -254,6 +264,9 @@ class Pipeline:
     def _release(self, *names):
         """lowmem: drop the sessions of a finished stage so peak memory follows the largest component."""
         if self.lowmem:
+            if "unet" in names:  # the ControlNets run with the UNet: freed with it (the extension's low_vram)
+                for net in self._controlnets.values():
+                    net.release()
             dropped = [k for k in self._components if k[0] in names]
             self._ran = _ran_on(self._ran)  # keep what ran, not the sessions being freed
             for key in dropped:
@@ -318,10 +331,30 @@ class Pipeline:
         refine = self._refine(refiner, request, plan, text, calls)
         init_latent, image_cond = self._init_latents(plan, request.tiling.tiled_vae)
         self._release("vae_encoder")
+        controls = self._controls(request, plan)
         facts = {"Model hash": self.manifest.model_hash, "Model": self.manifest.name,
                  "Lora hashes": networks.hashes if networks else None, "TI hashes": prompt_params["TI hashes"],
-                 "Refiner": _refiner_name(refiner)}
-        return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts)
+                 "Refiner": _refiner_name(refiner), "ControlNet": {i: c.net.manifest.title for i, c in enumerate(controls)}}
+        return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts, controls)
+
+    def _controls(self, request, plan):
+        """The request's ControlNet units with their models (checked against this model) and detected maps."""
+        from .controlnet.apply import Control, detect
+        from .controlnet.model import ControlNetModel, check_fits
+        from .controlnet.preprocess import numpy_seed
+
+        controls = []
+        init = request.init
+        for i, unit in enumerate(request.controlnet.units):
+            folder = self.controlnet_library.find(unit.model).resolve()
+            if folder not in self._controlnets:
+                self._controlnets[folder] = ControlNetModel(folder, self.plan)
+            net = self._controlnets[folder]
+            check_fits(net.manifest, self.manifest)
+            image, mask = _unit_source(unit, init, i)
+            detected = detect(unit, image, mask, plan.width, plan.height, numpy_seed(plan.seed, plan.subseed or 0))
+            controls.append(Control(unit, net, detected))
+        return tuple(controls)
 
     def _run(self, request, plan, job, hooks):
         """The batches, one after the other: sample, decode, infotext."""
@@ -360,7 +393,8 @@ class Pipeline:
         rng = ImageRNG(plan.shape, seeds, **rng_args)
         noise = hooks.latents if hooks.latents is not None else rng.first()
         first = _Pass(plan.sampler, plan.sigmas, job.conditioning, request.sampling.options(), job.init_latent,
-                      job.image_cond, plan.init, job.refine)
+                      job.image_cond, plan.init, job.refine, self._pass_controls(job, plan.width, plan.height, plan),
+                      request.sampling.steps if plan.init is None else len(plan.sigmas) - 1)
         x = self._sample(first, noise, rng, seeds, request, on_step, hooks.noise_sampler, job.networks, plan.tiling)
         if plan.hires is None:
             return x
@@ -382,9 +416,16 @@ class Pipeline:
         image_cond = self._blank_image_cond(shape, tiled, plan.tiling) if m.is_inpaint else None
         same = plan.hires_sampler.sampler == plan.sampler.sampler
         second = _Pass(plan.hires_sampler, plan.hires_sigmas, job.hr_conditioning,
-                       request.sampling.options() if same else {}, start, image_cond)
+                       request.sampling.options() if same else {}, start, image_cond,
+                       controls=self._pass_controls(job, hr.width, hr.height, plan, hires_pass=True),
+                       control_steps=len(plan.hires_sigmas) - 1)
         rng = ImageRNG(shape, seeds, **rng_args)
         return self._sample(second, rng.first(), rng, seeds, request, on_step, None, job.networks, plan.tiling)
+
+    def _pass_controls(self, job, width, height, plan, hires_pass=False):
+        from .controlnet.apply import pass_units
+
+        return pass_units(job.controls, width, height, hires_pass, plan.hires is not None) if job.controls else ()
 
     def _sample(self, p, noise, rng, seeds, request, on_step, noise_sampler, networks, tiling):
         """The one sampling routine of every pass: initial latent, denoiser (with the inpainting hooks and
@@ -393,7 +434,13 @@ class Pipeline:
         if p.start is not None and p.init is not None and p.init.mask is not None:
             keep = 1.0 - p.init.latent_mask(noise.shape[2:])
         x = _initial_latent(p, noise, keep)
-        denoise = self._denoiser(p, request.sampling.cfg_scale, networks, tiling)
+        clock = None
+        if p.controls:  # the guidance windows follow the sampler's steps, as A1111's state.sampling_step
+            from .controlnet.apply import StepClock
+
+            clock = StepClock(p.control_steps)
+            on_step = _chained(clock, on_step)
+        denoise = self._denoiser(p, request.sampling.cfg_scale, networks, tiling, clock)
         if keep is not None:
             denoise = _BlendKnown(denoise, p.start, keep)
         step_noise = noise_sampler or _noise_sampler(p.sampler, x, p.sigmas, seeds, rng)
@@ -401,13 +448,19 @@ class Pipeline:
                                         **{**p.sampler.options, **p.options})
         return x if keep is None else p.start * keep + x * (1.0 - keep)
 
-    def _denoiser(self, p, cfg_scale, networks, tiling):
-        """CFG denoiser of a pass; with a refiner, the refiner's takes over at its switch call."""
+    def _denoiser(self, p, cfg_scale, networks, tiling, clock=None):
+        """CFG denoiser of a pass; with a refiner, the refiner's takes over at its switch call. With ControlNet
+        units (p.controls, clock) the UNet takes their residuals."""
         cfg_scale = cfg_scale * SAMPLER_INFO[p.sampler.sampler].cfg_multiplier
         # no local name keeps the UNet: after a refiner switch nothing holds it, and lowmem frees it
-        denoise = cfg_denoiser(_with_image_cond(self._component("unet", networks=networks, tiling=tiling), p.image_cond),
-                               self.model_sigmas, self.manifest.prediction_type, cfg_scale=cfg_scale,
-                               cond_at=p.conditioning.at)
+        unet = self._component("unet", networks=networks, tiling=tiling, residuals=bool(p.controls))
+        if p.controls:
+            from .controlnet.apply import ControlledUNet
+
+            unet = ControlledUNet(unet, p.controls, clock, p.controls[0].net.manifest.residuals,
+                                  self.manifest.latent_channels)
+        denoise = cfg_denoiser(_with_image_cond(unet, p.image_cond), self.model_sigmas, self.manifest.prediction_type,
+                               cfg_scale=cfg_scale, cond_at=p.conditioning.at, row_roles=bool(p.controls))
         if p.refine is None:
             return denoise
         refiner, conditioning, at = p.refine
@@ -534,6 +587,7 @@ class _Job:
     init_latent: object  # [1, C, h, w] or None
     image_cond: object  # inpainting models: [1, C+1, h, w] or None
     facts: dict  # infotext values the model side knows
+    controls: tuple = ()  # controlnet.apply.Control of each enabled unit
 
 
 @dataclass(frozen=True)
@@ -548,6 +602,8 @@ class _Pass:
     image_cond: object = None
     init: object = None  # img2img.InitPlan: masks and masked content
     refine: object = None
+    controls: tuple = ()  # controlnet.apply.PassUnit of the units active in this pass
+    control_steps: int = 0  # the steps the extension divides by for the guidance windows
 
 
 def _request(prompt, negative_prompt, settings):
@@ -607,6 +663,32 @@ def _vae_decode(decoder, latents, tiles):
 
         return decode_tiled(decoder, latents)
     return decoder(latents)
+
+
+def _unit_source(unit, init, index):
+    """(image, mask or None) uint8 arrays a unit preprocesses: its own, or in img2img without one the init image
+    (and, for inpaint modules, the inpainting mask: white = repaint), as the extension."""
+    from .controlnet.apply import image_array
+    from .controlnet.preprocess import find_module
+
+    what = f"ControlNet unit {index}"
+    if unit.image is not None:
+        mask = None if unit.mask is None else image_array(unit.mask, f"{what} mask")
+        return image_array(unit.image, f"{what} image"), mask
+    mask = None
+    if init.mask is not None and find_module(unit.module).mask_in_alpha:
+        mask = image_array(init.mask, "inpainting mask")
+        mask = 255 - mask if init.inpainting_mask_invert else mask
+    return image_array(init.init_image, "init image"), mask
+
+
+def _chained(first, second):
+    """A sampler callback that calls both."""
+    def callback(*args, **kwargs):
+        first(*args, **kwargs)
+        return second(*args, **kwargs)
+
+    return callback
 
 
 def _with_image_cond(unet, image_cond):

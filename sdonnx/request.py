@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -377,8 +378,42 @@ class TilingPart(_Part):
         return out
 
 
+@dataclass(frozen=True)
+class ControlNetPart(_Part):
+    """sd-webui-controlnet units: ControlNetUnit objects, or dicts of the extension's API fields."""
+
+    controlnet: tuple = option((), "ControlNet", "ControlNet units (sdonnx.controlnet.ControlNetUnit or dicts of the "
+                               "extension's unit fields: model, image, module, weight, guidance_start, ...).",
+                               kind=tuple, cli=False)
+
+    def __post_init__(self):
+        from .controlnet.unit import ControlNetUnit
+
+        units = self.controlnet
+        if units is None or isinstance(units, (dict, ControlNetUnit)):
+            units = () if units is None else (units,)
+        object.__setattr__(self, "controlnet", tuple(ControlNetUnit.from_dict(u, i) for i, u in enumerate(units)))
+
+    @property
+    def units(self):
+        """The enabled units, in order."""
+        return tuple(u for u in self.controlnet if u.enabled)
+
+    def params(self, titles=None):
+        """`ControlNet N: "Module: ..., Model: name [hash], ..."` per enabled unit (titles: the models' list names)."""
+        titles = titles or {}
+        return {f"ControlNet {i}": unit.infotext(titles.get(i, unit.model)) for i, unit in enumerate(self.units)}
+
+    @classmethod
+    def read(cls, params):
+        from .controlnet.unit import ControlNetUnit
+
+        keys = sorted((int(k.split()[-1]), k) for k in params if re.fullmatch(r"ControlNet \d+", k))
+        return {"controlnet": tuple(ControlNetUnit.from_infotext(params[k]) for _, k in keys)} if keys else {}
+
+
 PARTS = {"prompt": PromptPart, "sampling": SamplingPart, "seeds": SeedPart, "init": InitPart, "hires": HiresPart,
-         "refiner": RefinerPart, "sdxl": SdxlPart, "tiling": TilingPart}
+         "refiner": RefinerPart, "sdxl": SdxlPart, "tiling": TilingPart, "controlnet": ControlNetPart}
 
 
 # ---------------------------------------------------------------------------------------- request
@@ -395,6 +430,7 @@ class GenerationRequest:
     refiner: RefinerPart = field(default_factory=RefinerPart)
     sdxl: SdxlPart = field(default_factory=SdxlPart)
     tiling: TilingPart = field(default_factory=TilingPart)
+    controlnet: ControlNetPart = field(default_factory=ControlNetPart)
 
     @staticmethod
     def fields():
@@ -480,7 +516,8 @@ class GenerationRequest:
                 "Tiling": tiling["Tiling"], **self.sampling.override_params(), **self.init.params(plan),
                 **self.hires.params(plan), **self.refiner.params(plan, facts.get("Refiner")),
                 **self.sampling.option_params(plan), **self.init.mask_mode_params(plan), **self.sdxl.params(),
-                "Tiled VAE": tiling["Tiled VAE"], "Version": f"sdonnx {__version__}"}
+                "Tiled VAE": tiling["Tiled VAE"], **self.controlnet.params(facts.get("ControlNet")),
+                "Version": f"sdonnx {__version__}"}
 
     def infotext(self, plan, index=0, facts=None, params=None):
         """A1111 infotext of image `index` of the job."""
@@ -553,6 +590,7 @@ def _make_plan(request, manifest, model_sigmas):
     seed, subseed = _seeds(request.seeds)
     _check_refiner(request.refiner)
     _check_sdxl(request.sdxl)
+    _check_controlnet(request.controlnet, init)
     return Plan(width, height, (manifest.latent_channels, height // factor, width // factor), seed, subseed,
                 sampler, sigmas, init, hires, hires_sampler, hires_sigmas, _tiling(request.tiling))
 
@@ -643,6 +681,19 @@ def _check_sdxl(part):
         raise ValueError(f"crop_top_left {part.crop_top_left!r}: give two whole numbers (top, left)")
     finite("aesthetic_score", part.aesthetic_score)
     finite("negative_aesthetic_score", part.negative_aesthetic_score)
+
+
+def _check_controlnet(part, init):
+    """Each enabled unit's values, and a control image for each (img2img: the init image stands in)."""
+    from .controlnet.model import ControlNetError
+
+    if len(part.units) > limits.MAX_CONTROLNET_UNITS:
+        raise ValueError(f"{len(part.units)} ControlNet units: at most {limits.MAX_CONTROLNET_UNITS}")
+    for i, unit in enumerate(part.units):
+        unit.check(i)
+        if unit.image is None and init is None:
+            raise ControlNetError(f"ControlNet unit {i}: no control image; give the unit an image (in img2img "
+                                  f"the init image is used when it has none)")
 
 
 def _tiling(part):

@@ -4,15 +4,16 @@ import numpy as np
 import torch
 
 
-def diffusers_images(pipe, scheduler, prompt, negative_prompt, latents, steps, cfg_scale, generator=None):
-    """Run the torch pipeline with `scheduler` on the given initial noise; uint8 [B, H, W, 3]."""
+def diffusers_images(pipe, scheduler, prompt, negative_prompt, latents, steps, cfg_scale, generator=None, **extra):
+    """Run the torch pipeline with `scheduler` on the given initial noise; uint8 [B, H, W, 3]. extra: more
+    arguments of the pipeline's call (a ControlNet pipeline's image and conditioning scale)."""
     pipe.scheduler = scheduler
     lat = torch.from_numpy(latents)
     h, w = lat.shape[2] * pipe.vae_scale_factor, lat.shape[3] * pipe.vae_scale_factor
     with torch.no_grad():
         out = pipe([prompt] * lat.shape[0], negative_prompt=[negative_prompt] * lat.shape[0], latents=lat,
                    num_inference_steps=steps, guidance_scale=cfg_scale, height=h, width=w,
-                   output_type="np", generator=generator).images
+                   output_type="np", generator=generator, **extra).images
     return (out * 255).round().astype(np.uint8)
 
 

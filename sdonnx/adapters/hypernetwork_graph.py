@@ -284,12 +284,17 @@ class UnetHypernetworks:
                 active.append((hypernetwork, float(request.multiplier)))
         return active
 
-    def graph(self, chain, tiling=None):
-        """(model bytes, session config) of the UNet with `chain` inserted (and wrap padding for `tiling`)."""
+    def graph(self, chain, tiling=None, residuals=False):
+        """(model bytes, session config) of the UNet with `chain` inserted (and wrap padding for `tiling`, and
+        ControlNet residual inputs when `residuals`: node names, which the targets follow, stay)."""
         from ..runtime.tiling import WEIGHTS_FOLDER_KEY, wrap_padding
 
         _check_bytes_loading()
         model, targets = self._base()
+        if residuals:
+            from ..controlnet.residuals import add_residual_inputs
+
+            model = add_residual_inputs(model)
         if tiling:
             model = wrap_padding(model, tiling)
         rewritten = insert_hypernetworks(model, targets, chain)

@@ -26,7 +26,8 @@ def scalings(sigma, prediction_type):
     return 1.0, -sigma, c_in
 
 
-def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cfg_scale=1.0, cond_at=None):
+def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cfg_scale=1.0, cond_at=None,
+                 row_roles=False):
     """Build denoise(x, sigma) for x: [B, C, h, w]; cond/uncond: [B, T, D] (or [T, D], shared by the batch).
 
     With guidance, one UNet call takes the batch [uncond, cond_1, ..., cond_k] and the result is
@@ -34,7 +35,8 @@ def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cf
     diffusion; the same as on the noise prediction, both being linear in it). cond_at(step) ->
     (uncond or None, [(cond_i, w_i)]), if given, supplies per-step conditioning (prompt editing) and
     overrides cond/uncond; `step` counts model calls from 0, as A1111's CFG denoiser does, so a Heun
-    step counts twice.
+    step counts twice. row_roles: also tell the unet how many leading rows of its batch are the negative
+    prompt's (`uncond_rows=`; ControlNet's cond-only control needs it).
     """
     step = {"i": 0}
 
@@ -49,7 +51,8 @@ def cfg_denoiser(unet, model_sigmas, prediction_type, cond=None, uncond=None, cf
         _same_length(contexts)
         n = len(contexts)
         t = np.full(batch * n, sigma_to_t(float(sigma), model_sigmas), np.float32)
-        out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts), **_added(entries, batch))
+        roles = {"uncond_rows": batch if guided else 0} if row_roles else {}
+        out = unet(np.concatenate([x] * n) * c_in, t, np.concatenate(contexts), **_added(entries, batch), **roles)
         denoised = x[None] * c_skip + out.reshape(n, *x.shape) * c_out
         if not guided:
             denoise.last_uncond = None

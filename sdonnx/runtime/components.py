@@ -91,12 +91,13 @@ def _token_embeddings(path, width):
 
 
 class UNet(_Component):
-    def __call__(self, sample, timestep, context, **added):
+    def __call__(self, sample, timestep, context, residuals=None, **added):
         """sample: [B, C, h, w], timestep: [B], context: [B, T, D] -> model output [B, C_out, h, w].
 
-        added: the UNet's added conditions, if it takes any (SDXL: text_embeds [B, P], time_ids [B, 6])."""
+        added: the UNet's added conditions, if it takes any (SDXL: text_embeds [B, P], time_ids [B, 6]).
+        residuals: {input name: array} of a UNet made to take ControlNet residuals (controlnet.residuals)."""
         feeds = {"sample": sample, "timestep": np.asarray(timestep, np.float32).reshape(-1),
-                 "encoder_hidden_states": context, **added}
+                 "encoder_hidden_states": context, **added, **(residuals or {})}
         # the conditioning repeats over the steps: on a GPU it stays there (IO binding) while it does not change
         return self.session.run(feeds, steady=("encoder_hidden_states", *added))["out_sample"]
 

@@ -1,0 +1,249 @@
+"""ControlNet: the converter (every file layout), the UNet graph with residual inputs, and units at sampling time
+against diffusers' ControlNet pipeline (where the semantics agree) and a torch restatement of sd-webui-controlnet's
+UNet hook (guidance windows, control modes, several units).
+
+Tolerances: images in 8-bit pixel units as tests/test_parity.py (the graphs agree with torch to ~1e-6 per call;
+sampling and the VAE amplify that to a few 1e-5 in [-1, 1]: one unit of rounding either way, max <= 2,
+mean <= 0.05); graphs against torch modules 1e-4 of the output's scale.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import tiny_controlnet  # noqa: E402
+from converters.controlnet import is_controlnet, load_controlnet  # noqa: E402
+from converters.convert import convert  # noqa: E402
+from sdonnx import Pipeline  # noqa: E402
+from sdonnx.controlnet.apply import StepClock, layer_scales  # noqa: E402
+from sdonnx.controlnet.model import ControlNetError, load_controlnet_manifest  # noqa: E402
+
+PROMPT, NEGATIVE, STEPS, CFG = "a red circle", "blurry", 6, 7.0
+TIGHT = dict(max=2, mean=0.05)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_diffusers, tiny_onnx, tmp_path_factory):
+    """(torch SD pipeline, torch ControlNet, Pipeline with models/ControlNet, the ControlNet folder, folder of files)."""
+    _, torch_pipe = tiny_diffusers("sd1")
+    controlnet = tiny_controlnet.make(torch_pipe.unet, seed=3)
+    files = tmp_path_factory.mktemp("controlnet-files")
+    library = tmp_path_factory.mktemp("ControlNet")
+    source = tiny_controlnet.save(controlnet, files / "control_v11p_sd15_tiny.pth", "original")
+    convert(source, library / "control_v11p_sd15_tiny")
+    pipe = Pipeline.load(tiny_onnx("sd1"), provider="cpu", controlnet_dir=library)
+    return torch_pipe, controlnet, pipe, library / "control_v11p_sd15_tiny", files
+
+
+def _hint(seed, size=64):
+    return (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+
+
+def _noise(batch=1, size=64):
+    return np.random.default_rng(0).standard_normal((batch, 4, size // 8, size // 8)).astype(np.float32)
+
+
+def _compare(ours, reference, limits, label):
+    ours = np.stack([np.asarray(im) for im in ours]).astype(np.int16)
+    diff = np.abs(ours - reference.astype(np.int16))
+    print(f"{label}: max {diff.max()} mean {diff.mean():.4f} (pixel units; image std {reference.std():.1f})")
+    assert reference.std() > 5, "reference image is flat: the test would not see differences"
+    assert diff.max() <= limits["max"] and diff.mean() <= limits["mean"], label
+
+
+# ------------------------------------------------------------------------------------------- converter
+
+@pytest.mark.parametrize("layout, name", [("original", "cn.safetensors"), ("diffusers", "cn.safetensors"),
+                                          ("folder", "cn-folder"), ("original", "cn.pth")])
+def test_every_layout_loads_the_same_weights(setup, tmp_path, layout, name):
+    _, controlnet, *_ = setup
+    path = tiny_controlnet.save(controlnet, tmp_path / name, layout)
+    assert is_controlnet(path)
+    loaded = load_controlnet(path)
+    assert loaded.family == "sd1"
+    expected = controlnet.state_dict()
+    got = loaded.model.state_dict()
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert loaded.model.config.layers_per_block == controlnet.config.layers_per_block
+
+
+def test_whole_sd_file_with_control_model_is_a_controlnet(setup, tmp_path):
+    """ControlNet 1.0 files (control_sd15_canny.pth) hold a whole SD checkpoint beside control_model.*."""
+    torch_pipe, controlnet, *_ = setup
+    from converters.original_layout import controlnet_to_original, to_original
+
+    state = {**to_original(torch_pipe), **controlnet_to_original(controlnet)}
+    torch.save({"state_dict": state}, tmp_path / "control_sd15_tiny.pth")
+    loaded = load_controlnet(tmp_path / "control_sd15_tiny.pth")
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in controlnet.state_dict().items())
+
+
+def test_sd_checkpoint_is_not_a_controlnet(tiny_diffusers, tmp_path):
+    folder, _ = tiny_diffusers("sd1")
+    assert not is_controlnet(folder)
+    assert not is_controlnet(folder / "unet")
+
+
+def test_manifest(setup):
+    *_, folder, _ = setup
+    m = load_controlnet_manifest(folder)
+    assert (m.family, m.residuals, m.context_dim, m.conditioning_channels) == ("sd1", 7, 64, 3)
+    assert m.graph.parity_max_abs_err < 1e-4
+    assert m.title == f"control_v11p_sd15_tiny [{m.model_hash}]" and len(m.model_hash) == 8
+
+
+# ------------------------------------------------------------------------------------------- UNet residuals
+
+def test_unet_with_residual_inputs_matches_diffusers(setup, tiny_onnx):
+    """The rewritten graph adds the residuals where diffusers does; zeros of [1, 1, 1, 1] give the plain UNet."""
+    torch_pipe, controlnet, pipe, *_ = setup
+    unet = pipe._component("unet", residuals=True)
+    plain = pipe._component("unet")
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 9, 11, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        down, mid = controlnet(x, t, c, torch.rand(2, 3, 72, 88, generator=g), return_dict=False)
+        expected = torch_pipe.unet(x, t, c, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    names = [f"down_block_res_{i}" for i in range(len(down))] + ["mid_block_res"]
+    residuals = {n: r.numpy() for n, r in zip(names, [*down, mid])}
+    out = unet(x.numpy(), t.numpy(), c.numpy(), residuals=residuals)
+    assert np.abs(out - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))
+    zero = {n: np.zeros((1, 1, 1, 1), np.float32) for n in names}
+    assert np.abs(unet(x.numpy(), t.numpy(), c.numpy(), residuals=zero) - plain(x.numpy(), t.numpy(), c.numpy())).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+def test_one_unit_matches_diffusers_controlnet_pipeline(setup):
+    from PIL import Image
+
+    from torch_reference import diffusers_images
+
+    torch_pipe, controlnet, pipe, *_ = setup
+    latents, hint = _noise(), _hint(1)
+    ours = pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="Karras", seed=1,
+                         latents=latents, controlnet=[dict(model="control_v11p_sd15_tiny", image=hint, weight=0.8)])
+    cn_pipe = diffusers.StableDiffusionControlNetPipeline(**{k: getattr(torch_pipe, k) for k in (
+        "vae", "text_encoder", "tokenizer", "unet", "scheduler")}, controlnet=controlnet, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(torch_pipe.scheduler.config, use_karras_sigmas=True,
+                                                              timestep_spacing="linspace")
+    ref = diffusers_images(cn_pipe, scheduler, PROMPT, NEGATIVE, latents, STEPS, CFG,
+                           image=Image.fromarray(hint), controlnet_conditioning_scale=0.8)
+    _compare(ours.images, ref, TIGHT, "one ControlNet unit vs diffusers StableDiffusionControlNetPipeline")
+    assert 'ControlNet 0: "Module: none, Model: control_v11p_sd15_tiny [' in ours.infotext
+    plain = pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="Karras", seed=1,
+                          latents=latents).images
+    assert np.abs(np.asarray(plain[0], np.int16) - ref[0]).mean() > 2, "the ControlNet changed nothing"
+
+
+def test_layer_scales_and_step_clock():
+    """Soft injection as the extension: weight * 0.825 ** (12 - i); the window reads the last finished step."""
+    assert layer_scales(0.5, False, 13) == [0.5] * 13
+    soft = layer_scales(2.0, True, 13)
+    assert soft[12] == 2.0 and soft[0] == pytest.approx(2.0 * 0.825 ** 12)
+    assert layer_scales(1.0, True, 10) == pytest.approx([0.825 ** (12 - i) for i in range(10)])  # SDXL's 10
+    clock = StepClock(10)
+    seen = []
+    for i in range(10):
+        seen.append(clock.fraction)  # what the model calls of step i see
+        clock({"i": i})
+    assert seen == [0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def _extension_reference(torch_pipe, units, latents, sigmas):
+    """sd-webui-controlnet's hook restated in torch over k-diffusion's Euler: per model call, each unit inside
+    its window (step = the last finished step's index) adds its residuals scaled by weight, or by weight *
+    0.825 ** (12 - i) for the two non-Balanced modes; "ControlNet is more important" only on the cond rows."""
+    from kdiffusion_ref import load
+
+    sampling, external = load()
+    clock = {"step": 0}
+
+    class Shim(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("alphas_cumprod", torch_pipe.scheduler.alphas_cumprod.float())
+
+        def apply_model(self, x, t, cond):
+            mark = torch.tensor([0.0] * (len(x) // 2) + [1.0] * (len(x) // 2))[:, None, None, None]
+            total = None
+            for net, hint, weight, start, end, mode in units:
+                if not start <= clock["step"] / STEPS <= end:
+                    continue
+                down, mid = net(x, t, cond, hint.expand(len(x), -1, -1, -1), return_dict=False)
+                outs = [*down, mid]
+                scales = [weight * 0.825 ** (12 - i) if mode != "Balanced" else weight for i in range(len(outs))]
+                outs = [o * s * (mark if mode == "ControlNet is more important" else 1) for o, s in zip(outs, scales)]
+                total = outs if total is None else [a + b for a, b in zip(total, outs)]
+            extra = {} if total is None else dict(down_block_additional_residuals=total[:-1],
+                                                  mid_block_additional_residual=total[-1])
+            return torch_pipe.unet(x, t, cond, **extra).sample
+
+    model = external.CompVisDenoiser(Shim(), quantize=False)
+    with torch.no_grad():
+        cond, uncond = torch_pipe.encode_prompt([PROMPT], "cpu", 1, True, [NEGATIVE])
+
+        def denoise(x, sigma, **_):
+            u, c = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([uncond, cond])).chunk(2)
+            return u + CFG * (c - u)
+
+        sig = torch.tensor(np.asarray(sigmas), dtype=torch.float32)
+        x = sampling.sample_euler(denoise, torch.from_numpy(latents) * sig[0], sig, disable=True,
+                                  callback=lambda info: clock.update(step=info["i"]))
+        image = torch_pipe.vae.decode(x / torch_pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return ((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def test_two_units_windows_and_control_modes_match_the_extension(setup):
+    from sdonnx.samplers import build_sigmas, resolve
+
+    torch_pipe, controlnet, pipe, *_ = setup
+    latents, hints = _noise(), [_hint(1), _hint(2)]
+    units = [dict(model="control_v11p_sd15_tiny", image=hints[0], weight=0.8, guidance_start=0.0, guidance_end=0.5,
+                  control_mode="My prompt is more important"),
+             dict(model="control_v11p_sd15_tiny [ignored]", image=hints[1], weight=1.3, guidance_start=0.3,
+                  guidance_end=1.0, control_mode=2)]
+    ours = pipe.generate(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="Karras", seed=1,
+                         latents=latents, controlnet=units)
+    sigmas = build_sigmas(resolve("Euler", "Karras"), STEPS, pipe.model_sigmas)
+    torch_units = [(controlnet, torch.from_numpy(h.transpose(2, 0, 1)[None] / np.float32(255)), u["weight"],
+                    u["guidance_start"], u["guidance_end"], mode)
+                   for h, u, mode in zip(hints, units, ("My prompt is more important", "ControlNet is more important"))]
+    try:
+        ref = _extension_reference(torch_pipe, torch_units, latents, sigmas)
+    except ImportError as e:
+        pytest.skip(f"k-diffusion reference unavailable: {e}")
+    _compare(ours.images, ref, TIGHT, "two units (windows, soft injection, cond-only) vs the extension's hook in torch")
+    assert "ControlNet 1: " in ours.infotext and "Control Mode: ControlNet is more important" in ours.infotext
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("unit, message", [
+    (dict(model="control_v11p_sd15_tiny"), "ControlNet unit 0: no control image"),
+    (dict(model="control_v11p_sd15_tiny", image="x.png", module="depth_leres"), "unknown ControlNet module 'depth_leres'"),
+    (dict(model="nothing_here", image=np.zeros((8, 8, 3), np.uint8)), "ControlNet model 'nothing_here' not found"),
+    (dict(model="control_v11p_sd15_tiny", image="x.png", weight=float("nan")), "weight must be a finite number"),
+    (dict(model="control_v11p_sd15_tiny", image="x.png", guidance_start=0.8, guidance_end=0.2), "guidance_start 0.8 is after"),
+    (dict(model="control_v11p_sd15_tiny", image="x.png", control_mode="Loud"), "control_mode 'Loud': choose one of"),
+])
+def test_bad_units_are_clear_errors(setup, unit, message):
+    pipe = setup[2]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        pipe.generate(PROMPT, steps=2, controlnet=[unit])
+
+
+def test_model_for_another_family_is_refused(setup, tiny_onnx):
+    pipe = Pipeline.load(tiny_onnx("sd2"), provider="cpu", controlnet_dir=setup[3].parent)
+    with pytest.raises(ControlNetError, match="is a sd1 model; .* is sd2"):
+        pipe.generate(PROMPT, steps=2, controlnet=[dict(model="control_v11p_sd15_tiny", image=_hint(1))])
+
+
+def test_unconverted_file_says_how_to_convert(setup, tmp_path):
+    torch_pipe, controlnet, pipe, folder, files = setup
+    pipe = Pipeline.load(pipe.folder, provider="cpu", controlnet_dir=files)
+    with pytest.raises(ControlNetError, match="is not converted yet; run `sdonnx convert"):
+        pipe.generate(PROMPT, steps=2, controlnet=[dict(model="control_v11p_sd15_tiny", image=_hint(1))])
