@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from .cli_upscale import folders_from, upscaler_folder_options
+from .cli_controlnet import RAW_ARGS, UnitOrderCommand, controlnet_options
 
 
 # the errors a user can cause; they print one line and exit non-zero, never a traceback. Running out of
@@ -150,11 +151,16 @@ def _infotext_settings(from_image, from_infotext):
     return GenerationRequest.from_infotext(text).to_kwargs(changed_only=True) if text else {}
 
 
-def _cli_request(prompt, model, from_image, from_infotext, outpaint, fields):
-    """The request of a generate command: the infotext's settings, then the flags given over them."""
+def _cli_request(prompt, model, from_image, from_infotext, outpaint, fields, raw_args=()):
+    """The request of a generate command: the infotext's settings, then the flags given over them (raw_args: the
+    arguments as typed, whose order groups the ControlNet unit flags)."""
+    from .cli_controlnet import take_units
     from .request import GenerationRequest
 
     settings = _infotext_settings(from_image, from_infotext)
+    units = take_units(fields, raw_args, settings.get("controlnet", ()))
+    if units is not None:
+        settings["controlnet"] = units
     given = _given(fields)
     if "sampler_options" in given:
         given["sampler_options"] = {**settings.get("sampler_options", {}), **given["sampler_options"]}
@@ -221,7 +227,7 @@ def main(verbose):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
+@main.command(cls=UnitOrderCommand)
 @click.argument("prompt", required=False)
 @click.option("-m", "--model", required=True, type=click.Path(), help="Converted model folder.")
 @click.option("--from-image", type=click.Path(), help="Take every setting from this image's A1111 infotext; "
@@ -237,6 +243,8 @@ def main(verbose):
 @click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder of <lora:name:w> files [default: models/Lora].")
 @click.option("--hypernetwork-dir", type=click.Path(file_okay=False),
               help="Folder of <hypernet:name:w> .pt files [default: models/hypernetworks].")
+@click.option("--controlnet-dir", type=click.Path(file_okay=False),
+              help="Folder of converted ControlNets that --controlnet names [default: models/ControlNet].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--lowmem/--no-lowmem", default=None,
               help="Create each stage's session when needed and free it after (A1111's --medvram idea): peak "
@@ -244,10 +252,11 @@ def main(verbose):
                    "every session is created once either way, so it costs nothing; off for --batch-count > 1, "
                    "where it would re-create the UNet and VAE sessions per batch.")
 @upscaler_folder_options
+@controlnet_options
 @_request_options
 def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
-             lora_dir, hypernetwork_dir, outdir, lowmem, models_root, esrgan_models_path, realesrgan_models_path,
-             swinir_models_path, **fields):
+             lora_dir, hypernetwork_dir, controlnet_dir, outdir, lowmem, models_root, esrgan_models_path,
+             realesrgan_models_path, swinir_models_path, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
     Every setting of the generation request is an option below."""
@@ -257,13 +266,14 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
     saved = []
     try:
         check_writable(outdir)  # before the model loads: an unwritable folder would lose every image
-        request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields)
+        raw_args = click.get_current_context().meta.get(RAW_ARGS, ())
+        request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields, raw_args)
         if lowmem is None:
             lowmem = request.prompt.batch_count == 1
         upscaler_dirs = folders_from(models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path)
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir,
-                             upscaler_dirs=upscaler_dirs)
+                             upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir)
         _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
@@ -429,6 +439,8 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--embeddings-dir", multiple=True, type=click.Path(), help="Embeddings folder (default: MODELS/embeddings).")
 @click.option("--hypernetwork-dir", multiple=True, type=click.Path(),
               help="Hypernetwork folder (default: MODELS/hypernetworks).")
+@click.option("--controlnet-dir", multiple=True, type=click.Path(),
+              help="Folder of converted ControlNets (default: MODELS/ControlNet).")
 @click.option("-o", "--outdir", default=None, type=click.Path(file_okay=False),
               help="Where requests with save_images go (default: not saved).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
@@ -437,8 +449,8 @@ def _provider_status(p, name, offered, device_id, device):
                                               "OpenVINO finds one, else CPU].")
 @upscaler_folder_options
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
-          embeddings_dir, hypernetwork_dir, outdir, provider, device_id, device, models_root, esrgan_models_path,
-          realesrgan_models_path, swinir_models_path):
+          embeddings_dir, hypernetwork_dir, controlnet_dir, outdir, provider, device_id, device, models_root,
+          esrgan_models_path, realesrgan_models_path, swinir_models_path):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -455,7 +467,8 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
                          embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots],
                          hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir,
                          upscaler_dirs=folders_from(models_root, esrgan_models_path, realesrgan_models_path,
-                                                    swinir_models_path))
+                                                    swinir_models_path),
+                         controlnet_dirs=controlnet_dir or [r / "ControlNet" for r in roots])
     except _user_errors() as e:
         _fail(e)
     host = "0.0.0.0" if listen else "127.0.0.1"

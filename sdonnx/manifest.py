@@ -133,6 +133,9 @@ class Manifest:
     def from_dict(cls, data):
         if not isinstance(data, dict):
             raise ManifestError(f"the manifest must be a JSON object, got {_kind(data)}")
+        if data.get("format") == "sdonnx-controlnet":
+            raise ManifestError("this folder holds a ControlNet: name it in a ControlNet unit (controlnet=, "
+                                "--controlnet), not as the model")
         if data.get("format") != FORMAT:
             raise ManifestError(f"not an sdonnx manifest (format {data.get('format')!r})")
         version = data.get("format_version", 0)

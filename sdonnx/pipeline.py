@@ -93,7 +93,8 @@ class Pipeline:
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         # the hires fix's upscaler models, by A1111's names; their sessions are made on first use
         self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan)
-        self.controlnet_library = Library((Path(controlnet_dir or DEFAULT_CONTROLNET_DIR),))
+        folders = controlnet_dir if isinstance(controlnet_dir, (list, tuple)) else (controlnet_dir,)
+        self.controlnet_library = Library(tuple(Path(f) for f in folders if f) or (DEFAULT_CONTROLNET_DIR,))
         self._controlnets = {}  # resolved ControlNet folder -> ControlNetModel (its session made on first use)
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
@@ -117,7 +118,7 @@ class Pipeline:
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
         textual inversion files, used by file name in prompts (default models/embeddings); hypernetwork_dir:
         where `<hypernet:name:multiplier>` tags find their .pt files (default models/hypernetworks); controlnet_dir:
-        the converted ControlNets units name (default models/ControlNet). lowmem: create
+        the folder (or list of folders) of converted ControlNets units name (default models/ControlNet). lowmem: create
         each stage's session when it starts and release it when it ends (A1111's --medvram idea): peak
         memory follows the largest component instead of their sum, at the cost of session creation time.
         upscaler_dirs: where the hires fix finds upscaler models by name (default A1111's models/ESRGAN,

@@ -13,6 +13,7 @@ A door that cannot carry a field by design says why in UNREACHABLE. Another door
 DOORS and its reasons in UNREACHABLE.
 """
 import base64
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,8 @@ from PIL import Image
 from sdonnx import GenerationRequest, Pipeline
 from sdonnx.cli import generate as generate_command
 from sdonnx.cli import main
+from sdonnx.cli_controlnet import unit_args
+from sdonnx.controlnet.unit import ControlNetUnit
 from sdonnx.manifest import load_manifest
 
 IMAGE, MASK = "init.png", "mask.png"  # written into the test's folder; paths are what every door takes
@@ -84,6 +87,8 @@ SAMPLES = {
     "negative_aesthetic_score": (3.0, {}),
     "tiling": ("x", {}),
     "tiled_vae": (True, {}),
+    "controlnet": ((ControlNetUnit(model="control_v11p_sd15_canny", image=IMAGE, module="canny", weight=0.6,
+                                   guidance_end=0.8, control_mode="My prompt is more important"),), {}),
 }
 
 # door -> field -> why that door cannot carry it
@@ -136,6 +141,8 @@ def images(tmp_path_factory):
 
 
 def _in(folder, value):
+    if isinstance(value, tuple) and value and isinstance(value[0], ControlNetUnit):  # a unit's image is a path too
+        return tuple(dataclasses.replace(u, image=_in(folder, u.image)) for u in value)
     return str(folder / value) if value in (IMAGE, MASK) else value
 
 
@@ -154,6 +161,8 @@ def python_door(name, settings, model):
 
 
 def _cli_args(name, value):
+    if name == "controlnet":  # a unit is --controlnet MODEL and the --control-* flags after it
+        return unit_args(value)
     option = next(p for p in generate_command.params if p.name == name)
     if isinstance(value, bool):
         return [option.opts[0]] if value else [option.secondary_opts[0]]
@@ -186,6 +195,9 @@ A1111_VALUES = {
     "mask": lambda path: base64.b64encode(Path(path).read_bytes()).decode(),
     "rng": lambda source: {"cpu": "CPU", "nv": "NV"}[source],
     "inpainting_mask_invert": int,
+    "controlnet": lambda units: {"controlnet": {"args": [
+        {**{k: v for k, v in dataclasses.asdict(u).items() if v is not None},
+         "image": base64.b64encode(Path(u.image).read_bytes()).decode()} for u in units]}},
 }
 
 
@@ -244,5 +256,11 @@ def test_field_reaches_door(door, name, model, images, request):
         expected = Path(expected).name  # the infotext names the refiner's folder
     if door == "http" and name in ("init_image", "mask"):  # the API carries the image itself, still encoded
         assert _value(built, name).decode().tobytes() == Image.open(expected).tobytes()
+        return
+    if name == "controlnet" and door in ("http", "infotext"):  # the image: encoded / not in the text
+        for unit, wanted in zip(_value(built, name), expected, strict=True):
+            if door == "http":
+                assert unit.image.decode().tobytes() == Image.open(wanted.image).tobytes()
+            assert dataclasses.replace(unit, image=None) == dataclasses.replace(wanted, image=None)
         return
     assert _value(built, name) == expected

@@ -108,9 +108,10 @@ def test_a1111_defaults_ask_for_nothing_extra():
 
 
 def test_unsupported_fields_and_unknown_ones_are_reported():
-    req = Txt2ImgRequest(restore_faces=True, s_min_uncond=0.5, alwayson_scripts={"controlnet": {}}, my_ext=1)
-    assert translate(req, "txt2img", {}, {}, _find).ignored == ["restore_faces", "s_min_uncond", "alwayson_scripts",
-                                                                  "my_ext"]
+    req = Txt2ImgRequest(restore_faces=True, s_min_uncond=0.5, alwayson_scripts={"ADetailer": {"args": [True]}},
+                         my_ext=1)
+    assert translate(req, "txt2img", {}, {}, _find).ignored == ["alwayson_scripts.ADetailer", "restore_faces",
+                                                                  "s_min_uncond", "my_ext"]
     req = Txt2ImgRequest(denoising_strength=0.3)  # txt2img uses it for the hires pass only
     assert translate(req, "txt2img", {}, {}, _find).ignored == ["denoising_strength"]
 

@@ -78,7 +78,9 @@ class ControlNetUnit:
     def infotext(self, title):
         """The extension's infotext value: "Module: canny, Model: name [hash], Weight: 1.0, ..."; -1 fields left
         out, as the extension's hidden sliders."""
-        values = {name: title if name == "model" else getattr(self, name) for name in INFOTEXT_FIELDS}
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        values = {name: title if name == "model" else kinds[name](getattr(self, name)) if kinds[name] in (int, float)
+                  else getattr(self, name) for name in INFOTEXT_FIELDS}  # floats as floats: "Weight: 1.0"
         return ", ".join(f"{_display(name)}: {value}" for name, value in values.items() if value != -1)
 
     @classmethod

@@ -37,6 +37,8 @@ GENERATE = {
     "mask_blur": ("mask_blur",), "mask_blur_x": ("mask_blur",), "mask_blur_y": ("mask_blur",),
     "inpainting_fill": ("inpainting_fill",), "inpaint_full_res": ("inpaint_full_res",),
     "inpaint_full_res_padding": ("inpaint_full_res_padding",), "inpainting_mask_invert": ("inpainting_mask_invert",),
+    # sd-webui-controlnet's units: {"controlnet": {"args": [unit, ...]}}; other scripts are reported ignored
+    "alwayson_scripts": ("controlnet",),
 }
 
 # A1111 request fields the server acts on itself
@@ -65,7 +67,6 @@ UNSUPPORTED = {
     "image_cfg_scale": "instruct-pix2pix models are not supported",
     "initial_noise_multiplier": "img2img noise is never scaled (A1111's default 1.0)",
     "latent_mask": "the mask is used for the latents as well",
-    "alwayson_scripts": "no extensions (ControlNet, ADetailer, ...)",
 }
 
 # A1111 settings (override_settings, POST /options) -> (generate keyword, A1111's default)
@@ -128,6 +129,7 @@ def translate(req, mode, options, styles, find_model):
     else:
         _img2img(req, t)
     _refiner(req, find_model, t)
+    _alwayson(req, t)
     _infotext(req, mode, find_model, t)
     t.ignored += [name for name in UNSUPPORTED if _set(req, name)]
     t.ignored += sorted(k for k, v in (req.model_extra or {}).items() if v)  # fields A1111 does not have either
@@ -330,6 +332,51 @@ def _refiner(req, find_model, t):
     switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
     if switch_at < 1:
         t.kwargs.update(refiner=str(entry.path), refiner_switch_at=switch_at)
+
+
+def _alwayson(req, t):
+    """A1111's always-on scripts: sd-webui-controlnet's units (alwayson_scripts.controlnet.args, the extension's
+    unit fields and legacy names; units with enabled false are left out); any other script is reported ignored."""
+    from ..controlnet.unit import ControlNetUnit
+
+    for name, value in (req.alwayson_scripts or {}).items():
+        if name.lower() != "controlnet":
+            if value:
+                t.ignored.append(f"alwayson_scripts.{name}")
+            continue
+        args = value.get("args", []) if isinstance(value, dict) else None
+        if not isinstance(args, list):
+            raise TranslationError(422, "alwayson_scripts.controlnet: expected {\"args\": [unit, ...]}")
+        units = []
+        for i, arg in enumerate(args):
+            where = f"alwayson_scripts.controlnet.args[{i}]"
+            try:
+                unit = ControlNetUnit.from_dict(_unit_images(arg, where), i)
+            except ValueError as e:
+                raise TranslationError(422, f"{where}: {e}") from None
+            if unit.enabled:
+                units.append(unit)
+        if units:
+            t.kwargs["controlnet"] = tuple(units)
+
+
+def _unit_images(unit, where):
+    """A unit dict with its base64 image and mask (every form the extension takes: a string, {"image", "mask"},
+    [image, mask], input_image) as EncodedImage, decoded when the job runs; server file paths are not read."""
+    if not isinstance(unit, dict):
+        return unit
+    unit = dict(unit)
+    image = unit.pop("image", unit.pop("input_image", None))
+    mask = unit.pop("mask", unit.pop("mask_image", None))
+    if isinstance(image, dict):
+        image, mask = image.get("image"), image.get("mask", mask)
+    elif isinstance(image, (list, tuple)) and len(image) == 2:
+        image, mask = image
+    if image:
+        unit["image"] = EncodedImage(image, f"{where}.image")
+    if mask:
+        unit["mask"] = EncodedImage(mask, f"{where}.mask")
+    return unit
 
 
 def request_from_a1111(payload, mode="txt2img", options=None, styles=None, find_model=None):

@@ -242,6 +242,7 @@ def plan_generation(state, req, mode):
     prompts = _without_missing_loras(kwargs, state.store.lora_names(), t.comments)
     try:  # every user error before the job queues; the decoded images are dropped again until it runs
         GenerationRequest.from_kwargs(**_decoded(kwargs)).validate(manifest)
+        _check_controlnets(state, kwargs.get("controlnet", ()), manifest)
     except ValueError as e:
         raise ApiError(422, str(e)) from None
     return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
@@ -257,6 +258,15 @@ def _check_hires_upscaler(state, kwargs):
             state.upscalers.get(name)
         except ValueError as e:
             raise ApiError(422, f"hr_upscaler: {e}") from None
+
+
+def _check_controlnets(state, units, manifest):
+    """Each ControlNet unit names a converted ControlNet made for this model (ControlNetError, a ValueError)."""
+    from ..controlnet.model import check_fits, load_controlnet_manifest
+
+    library = state.store.controlnets()
+    for unit in units:
+        check_fits(load_controlnet_manifest(library.find(unit.model)), manifest)
 
 
 def _check_limits(kwargs, manifest):

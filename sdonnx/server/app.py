@@ -32,7 +32,7 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
-               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None):
+               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=()):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
@@ -44,7 +44,7 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
     if outdir:  # found now, not when the first request's images are lost
         check_writable(outdir)
     sources = [models] if isinstance(models, (str, Path)) else list(models)
-    store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs)
+    store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs, controlnet_dirs)
     upscaler_dirs = list(upscaler_dirs if upscaler_dirs is not None else
                          [d for s in sources for d in upscaler_folders(s)])
     provider_plan = None
@@ -58,7 +58,8 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
         def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
             return Pipeline.load(path, provider=provider, device_id=device_id, device=device,
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
-                                 hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs)
+                                 hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs,
+                                 controlnet_dir=store.controlnet_dirs)
 
     state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None,
                         upscalers=Upscalers(upscaler_dirs, provider_plan))

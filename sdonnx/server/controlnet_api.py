@@ -38,8 +38,25 @@ class DetectRequest(BaseModel):
     low_vram: bool = False
 
 
+# what the extension's /controlnet/version answers (external_code.get_api_version): clients check for 2
+API_VERSION = 2
+
+
 def build_controlnet_router(state):
     router = APIRouter(prefix="/controlnet")
+
+    @router.get("/version")
+    async def version():
+        return {"version": API_VERSION}
+
+    @router.get("/model_list")
+    async def model_list(update: bool = True):
+        # the converted ControlNets under --controlnet-dir, as the extension lists them: "name [hash]"
+        return {"model_list": await asyncio.to_thread(state.store.controlnets().titles)}
+
+    @router.get("/settings")
+    async def settings():
+        return {"control_net_unit_count": limits.MAX_CONTROLNET_UNITS}
 
     @router.get("/module_list")
     async def module_list(alias_names: bool = False):

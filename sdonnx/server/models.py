@@ -42,8 +42,9 @@ class ModelEntry:
 class ModelStore:
     """Model folders under the given paths (a model folder, or a folder of model folders), rescanned on refresh."""
 
-    def __init__(self, sources, lora_dirs=(), embedding_dirs=(), hypernetwork_dirs=()):
+    def __init__(self, sources, lora_dirs=(), embedding_dirs=(), hypernetwork_dirs=(), controlnet_dirs=()):
         self.sources = [Path(s) for s in sources]
+        self.controlnet_dirs = [Path(d) for d in controlnet_dirs]  # every one is searched, in order
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.embedding_dirs = [Path(d) for d in embedding_dirs]
         self.hypernetwork_dirs = [Path(d) for d in hypernetwork_dirs]
@@ -100,6 +101,12 @@ class ModelStore:
     def embeddings_dir(self):
         """The embeddings folder generation reads (the first that exists), None without one."""
         return _first_existing(self.embedding_dirs)
+
+    def controlnets(self):
+        """The converted ControlNets units can name (controlnet.model.Library over the ControlNet folders)."""
+        from ..controlnet.model import Library
+
+        return Library(tuple(self.controlnet_dirs))
 
     @property
     def hypernetwork_dir(self):
