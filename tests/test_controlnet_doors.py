@@ -163,3 +163,4 @@ def test_library_finds_by_name_title_and_path(tmp_path):
         assert library.find(name) == folder
     with pytest.raises(ControlNetError, match="available: control_v11p_sd15_canny"):
         library.find("depth")
+

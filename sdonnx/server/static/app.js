@@ -7,8 +7,6 @@ const PAINT_BOX = [512, 512]; // the mask painter's display size, whatever the i
 let initImage = null; // data URL of the img2img image
 let maskPainted = false;
 let pngInfo = null; // {image: data URL, parameters} of the PNG info tab
-const CONTROLNET_UNITS = 3; // the extension's default unit count
-const controlImages = []; // data URL of each ControlNet unit's image
 
 // infotext key (A1111's, as /png-info parses it) -> form field, for "Reuse parameters" and "Send to"
 const PASTE = {
@@ -72,87 +70,40 @@ async function loadLists() {
   fillSelect($("embedding"), Object.keys(embeddings.loaded), (name) => name);
   fillSelect($("styles"), styles, (s) => s.name);
   $("clip_skip").value = options.CLIP_stop_at_last_layers || 1;
-  await loadControlNetLists();
+  await loadControlNetModels();
 }
 
-// --- ControlNet units: the extension's fields, sent as alwayson_scripts.controlnet.args
+// --- ControlNet: the unit's model half (controlnet.js holds the preprocessor half), sent as
+// alwayson_scripts.controlnet.args as the extension takes it
 
-function controlNetUnitHtml(i) {
-  const select = (name, options) => `<select data-field="${name}">${options.map((o) => `<option>${o}</option>`).join("")}</select>`;
-  return `<fieldset class="cn-unit" data-unit="${i}"><legend>Unit ${i}</legend>
-    <div class="row">
-      <label><input type="checkbox" data-field="enabled"> Enable</label>
-      <label>Image <input type="file" accept="image/*" data-field="image"></label>
-      <label>Preprocessor <select data-field="module"></select></label>
-      <label>Model <select data-field="model"></select></label>
-    </div>
-    <div class="row">
-      <label>Weight <input type="number" min="0" max="2" step="0.05" value="1" data-field="weight"></label>
-      <label>Starting step <input type="number" min="0" max="1" step="0.01" value="0" data-field="guidance_start"></label>
-      <label>Ending step <input type="number" min="0" max="1" step="0.01" value="1" data-field="guidance_end"></label>
-      <label><input type="checkbox" data-field="pixel_perfect"> Pixel perfect</label>
-    </div>
-    <div class="row">
-      <label>Resolution <input type="number" value="-1" data-field="processor_res"></label>
-      <label>Threshold A <input type="number" step="any" value="-1" data-field="threshold_a"></label>
-      <label>Threshold B <input type="number" step="any" value="-1" data-field="threshold_b"></label>
-    </div>
-    <div class="row">
-      <label>Control mode ${select("control_mode", ["Balanced", "My prompt is more important", "ControlNet is more important"])}</label>
-      <label>Resize mode ${select("resize_mode", ["Crop and Resize", "Just Resize", "Resize and Fill"])}</label>
-      <label>Hires fix ${select("hr_option", ["Both", "Low res only", "High res only"])}</label>
-    </div></fieldset>`;
-}
-
-async function loadControlNetLists() {
-  const box = $("controlnet_units");
-  box.innerHTML = Array.from({length: CONTROLNET_UNITS}, (_, i) => controlNetUnitHtml(i)).join("");
-  const [models, modules] = await Promise.all([fetch("/controlnet/model_list").then((r) => r.json()),
-                                               fetch("/controlnet/module_list").then((r) => r.json())]);
-  for (const unit of box.querySelectorAll(".cn-unit")) {
-    const i = Number(unit.dataset.unit);
-    fillSelect(unit.querySelector("[data-field=model]"), models.model_list, (m) => m);
-    fillSelect(unit.querySelector("[data-field=module]"), modules.module_list, (m) => m);
-    unit.querySelector("[data-field=image]").onchange = (e) => {
-      const file = e.target.files[0];
-      if (!file) return;
-      const reader = new FileReader();
-      reader.onload = () => { controlImages[i] = reader.result; };
-      reader.readAsDataURL(file);
-    };
-  }
+async function loadControlNetModels() {
+  const response = await fetch("/controlnet/model_list");
+  const {model_list: models} = await response.json();
+  fillSelect($("cn_model"), models, (m) => m);
 }
 
 function applyControlNetParameters(p) {
-  // "ControlNet N": "Module: canny, Model: name [hash], Weight: 1, ..." as the extension writes it; images stay
-  for (const unit of document.querySelectorAll(".cn-unit")) {
-    const text = p[`ControlNet ${unit.dataset.unit}`];
-    unit.querySelector("[data-field=enabled]").checked = Boolean(text);
-    for (const item of text ? text.split(", ") : []) {
-      const [key, value] = item.split(": ");
-      const input = unit.querySelector(`[data-field=${key.toLowerCase().replace(/ /g, "_")}]`);
-      if (!input || input.type === "file") continue;
-      if (input.type === "checkbox") input.checked = value === "True"; else input.value = value;
-    }
+  // "ControlNet 0": "Module: canny, Model: name [hash], Weight: 1.0, ..." as the extension writes it; the image stays
+  const text = p["ControlNet 0"];
+  $("cn_enabled").checked = Boolean(text);
+  const ids = {module: "cn_module", model: "cn_model", weight: "cn_weight", guidance_start: "cn_guidance_start",
+               guidance_end: "cn_guidance_end", control_mode: "cn_control_mode", hr_option: "cn_hr_option",
+               resize_mode: "cn_resize_mode", pixel_perfect: "cn_pixel_perfect"};
+  for (const item of text ? text.split(", ") : []) {
+    const [key, value] = item.split(": ");
+    const id = ids[key.toLowerCase().replace(/ /g, "_")];
+    if (!id) continue;
+    if ($(id).type === "checkbox") $(id).checked = value === "True"; else $(id).value = value;
   }
 }
 
 function controlNetUnits() {
-  const units = [];
-  for (const unit of document.querySelectorAll(".cn-unit")) {
-    const field = (name) => unit.querySelector(`[data-field=${name}]`);
-    if (!field("enabled").checked) continue;
-    const i = Number(unit.dataset.unit);
-    units.push({
-      enabled: true, model: field("model").value, module: field("module").value, image: controlImages[i] || null,
-      weight: Number(field("weight").value), guidance_start: Number(field("guidance_start").value),
-      guidance_end: Number(field("guidance_end").value), pixel_perfect: field("pixel_perfect").checked,
-      processor_res: Number(field("processor_res").value), threshold_a: Number(field("threshold_a").value),
-      threshold_b: Number(field("threshold_b").value), control_mode: field("control_mode").value,
-      resize_mode: field("resize_mode").value, hr_option: field("hr_option").value,
-    });
-  }
-  return units;
+  if (!$("cn_enabled").checked) return [];
+  return [{
+    ...controlnetPreprocessor.fields(), model: $("cn_model").value, weight: numberOrNull("cn_weight") ?? 1,
+    guidance_start: numberOrNull("cn_guidance_start") ?? 0, guidance_end: numberOrNull("cn_guidance_end") ?? 1,
+    control_mode: $("cn_control_mode").value, hr_option: $("cn_hr_option").value,
+  }];
 }
 
 function showModels(models, options) {
