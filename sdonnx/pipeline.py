@@ -442,6 +442,13 @@ class Pipeline:
             clock = StepClock(p.control_steps)
             on_step = _chained(clock, on_step)
         denoise = self._denoiser(p, request.sampling.cfg_scale, networks, tiling, clock)
+        for unit in p.controls:
+            if unit.prepared is not None:  # ControlNet inpaint_only: the unmasked area's x0 is the control image's
+                from .controlnet.apply import inpaint_only_blend
+
+                pixels, blend = inpaint_only_blend(unit)
+                denoise = _BlendKnown(denoise, self.encode_images(pixels, request.tiling.tiled_vae, tiling), blend)
+                self._release("vae_encoder")
         if keep is not None:
             denoise = _BlendKnown(denoise, p.start, keep)
         step_noise = noise_sampler or _noise_sampler(p.sampler, x, p.sigmas, seeds, rng)
@@ -478,6 +485,10 @@ class Pipeline:
         """Decode a batch (with the refiner's VAE when it finished the job) and paste inpainting results."""
         decoder = job.refine[0] if job.refine and plan.hires is None else self
         images = decoder.decode(x, tiled=request.tiling.tiled_vae, tiling=plan.tiling)
+        if job.controls:  # ControlNet inpaint_only puts the unmasked area back, as the extension
+            from .controlnet.apply import restore_images
+
+            images = restore_images(images, job.controls, images[0].width, images[0].height)
         return [plan.init.finish(im) for im in images] if plan.init else images
 
     def _init_latents(self, plan, tiled):

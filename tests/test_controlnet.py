@@ -247,3 +247,80 @@ def test_unconverted_file_says_how_to_convert(setup, tmp_path):
     pipe = Pipeline.load(pipe.folder, provider="cpu", controlnet_dir=files)
     with pytest.raises(ControlNetError, match="is not converted yet; run `sdonnx convert"):
         pipe.generate(PROMPT, steps=2, controlnet=[dict(model="control_v11p_sd15_tiny", image=_hint(1))])
+
+
+# ------------------------------------------------------------------------------------------- SDXL, hires, lowmem
+
+def test_sdxl_controlnet_call_matches_torch(tiny_sdxl, tmp_path):
+    """An SDXL ControlNet (diffusers folder, added text_time conditions) converts, and one controlled UNet call
+    (ControlNet residuals scaled by the unit's weight, added by the rewritten SDXL UNet) equals torch's."""
+    from sdonnx.controlnet.apply import ControlledUNet, PassUnit
+    from sdonnx.controlnet.model import ControlNetModel
+
+    _, torch_pipe, model = tiny_sdxl("base")
+    controlnet = tiny_controlnet.make(torch_pipe.unet, seed=5)
+    convert(tiny_controlnet.save(controlnet, tmp_path / "sdxl-cn", "folder"), tmp_path / "ControlNet" / "xl")
+    manifest = load_controlnet_manifest(tmp_path / "ControlNet" / "xl")
+    assert (manifest.family, manifest.residuals) == ("sdxl", 7)
+    pipe = Pipeline.load(model, provider="cpu", controlnet_dir=tmp_path / "ControlNet")
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700.0, 700.0])
+    context = torch.randn(2, 77, controlnet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(2, 96, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    hint = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        down, mid = controlnet(x, t, context, hint.expand(2, -1, -1, -1), added_cond_kwargs=added, return_dict=False)
+        expected = torch_pipe.unet(x, t, context, added_cond_kwargs=added, return_dict=False,
+                                   down_block_additional_residuals=[d * 0.7 for d in down],
+                                   mid_block_additional_residual=mid * 0.7)[0]
+    net = ControlNetModel(tmp_path / "ControlNet" / "xl", pipe.plan)
+    unet = ControlledUNet(pipe._component("unet", residuals=True), [PassUnit(net, hint.numpy(), 0.7, 0, 1, False,
+                                                                             False, False)],
+                          StepClock(1), manifest.residuals, 4)
+    out = unet(x.numpy(), t.numpy(), context.numpy(), **{k: v.numpy() for k, v in added.items()})
+    assert np.abs(out - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def _previews(pipe, **settings):
+    seen = []
+    pipe.generate(PROMPT, NEGATIVE, steps=3, cfg_scale=CFG, sampler="Euler", seed=1, hires=True, hires_scale=1.5,
+                  hires_steps=2, preview=lambda x0: seen.append(x0.copy()), **settings)
+    return seen
+
+
+def test_hr_option_keeps_a_unit_to_one_pass(setup):
+    """hires fix: "Low res only" controls the first pass only, "High res only" the second only (previews: each
+    step's x0 estimate; 3 first-pass steps, then 2 hires steps)."""
+    pipe = setup[2]
+    unit = dict(model="control_v11p_sd15_tiny", image=_hint(1))
+    plain = _previews(pipe)
+    both = _previews(pipe, controlnet=[unit])
+    low = _previews(pipe, controlnet=[{**unit, "hr_option": "Low res only"}])
+    high = _previews(pipe, controlnet=[{**unit, "hr_option": "High res only"}])
+    same = lambda a, b: all(np.array_equal(p, q) for p, q in zip(a, b))  # noqa: E731
+    assert same(low[:3], both[:3]) and not same(low[:3], plain[:3])
+    assert same(high[:3], plain[:3]) and not same(high[3:], plain[3:])
+    assert not same(low[3:], both[3:])
+
+
+def test_lowmem_frees_the_controlnet_with_the_unet(setup):
+    pipe = Pipeline.load(setup[2].folder, provider="cpu", controlnet_dir=setup[3].parent, lowmem=True)
+    pipe.generate(PROMPT, steps=2, controlnet=[dict(model="control_v11p_sd15_tiny", image=_hint(1))])
+    assert pipe._controlnets and all(net._session is None for net in pipe._controlnets.values())
+    assert not any(key[0] == "unet" for key in pipe._components)
+
+
+def test_inpaint_only_keeps_the_unmasked_area(setup):
+    """inpaint_only (the extension's): x0 outside the mask is the control image's latent at every call, and the
+    finished image outside the grown, softened mask is the control image itself."""
+    pipe = setup[2]
+    image = _hint(4)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    out = pipe.generate(PROMPT, NEGATIVE, steps=3, cfg_scale=CFG, sampler="Euler", seed=1, controlnet=[dict(
+        model="control_v11p_sd15_tiny", image=image, mask=mask, module="inpaint_only")]).images[0]
+    out = np.asarray(out, np.int16)
+    far = np.ones((64, 64), bool)
+    far[4:60, 4:60] = False  # beyond the mask grown by the restore's sigma (7) and its blur
+    assert np.abs(out[far] - image[far]).max() <= 1
+    assert np.abs(out[20:44, 20:44] - image[20:44, 20:44]).mean() > 10, "the masked area was not repainted"

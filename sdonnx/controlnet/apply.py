@@ -42,6 +42,7 @@ class PassUnit:
     soft: bool
     cond_only: bool
     pooled: bool
+    prepared: np.ndarray = None  # inpaint_only: the fitted control image with its mask, uint8 [H, W, 4]
 
     def active(self, fraction):
         return self.start <= fraction <= self.end
@@ -136,12 +137,44 @@ def pass_units(controls, width, height, hires_pass=False, with_hires=False):
         u = c.unit
         if with_hires and u.hr_option == ("Low res only" if hires_pass else "High res only"):
             continue
-        hint = control_hint(prepare_control_image(c.detected, width, height, u.resize_mode))
+        prepared = prepare_control_image(c.detected, width, height, u.resize_mode)
         # the extension softens canny and mlsd units in the hires pass whatever their mode
         soft = u.soft_injection or (hires_pass and ("canny" in u.module or "mlsd" in u.module))
-        units.append(PassUnit(c.net, hint, float(u.weight), float(u.guidance_start), float(u.guidance_end), soft,
-                              u.cond_only, c.net.manifest.global_average_pooling))
+        units.append(PassUnit(c.net, control_hint(prepared), float(u.weight), float(u.guidance_start),
+                              float(u.guidance_end), soft, u.cond_only, c.net.manifest.global_average_pooling,
+                              prepared if _inpaint_only(u, prepared) else None))
     return tuple(units)
+
+
+def _inpaint_only(unit, prepared):
+    return "inpaint_only" in unit.module and prepared.ndim == 3 and prepared.shape[2] == 4
+
+
+def inpaint_only_blend(unit):
+    """(the image's pixels in [-1, 1] [1, 3, H, W], keep [1, 1, H/8, W/8]) of an inpaint_only unit: at every model
+    call the extension replaces x0 outside its (latent-pooled) mask by the control image's latent, blended by the
+    weight clipped to [0, 1], whatever the guidance window: x0 + keep * (image latent - x0), keep = w * (1 - mask)."""
+    from .inpaint import latent_mask
+
+    pixels = unit.prepared[:, :, :3].astype(np.float32).transpose(2, 0, 1)[None] / np.float32(127.5) - 1
+    keep = np.float32(min(max(unit.weight, 0.0), 1.0)) * (1 - latent_mask(unit.prepared))
+    return pixels, keep.astype(np.float32)
+
+
+def restore_images(images, controls, width, height):
+    """The extension's last step for inpaint_only units: outside each unit's mask (grown and softened) the
+    finished image is the control image (fitted to width x height) again. images: PIL -> PIL."""
+    from PIL import Image
+
+    from .inpaint import restore_unmasked
+    from .preprocess import prepare_control_image
+
+    for c in controls:
+        prepared = prepare_control_image(c.detected, width, height, c.unit.resize_mode)
+        if _inpaint_only(c.unit, prepared):
+            images = [Image.fromarray((restore_unmasked(np.asarray(im, np.float32) / 255, prepared) * 255)
+                                      .clip(0, 255).astype(np.uint8)) for im in images]
+    return images
 
 
 def image_array(image, what):
