@@ -23,7 +23,10 @@ from sdonnx.cli import _fail, _user_errors
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8 (dynamic) UNet for the CPU provider (fp32, --target cpu): faster, slightly different images.")
 def convert(source, outdir, force, family, prediction, dtype, optimize, target, quantize):
-    """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder."""
+    """Convert SOURCE (diffusers folder, .safetensors/.ckpt file or hub id) to an sdonnx model folder.
+
+    An upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, SwinIR) is recognised from its weights and
+    converted to an upscaler folder; the diffusion options do not apply to it."""
     try:
         from .convert import convert as run_convert
     except ImportError as e:
