@@ -136,6 +136,10 @@ class Manifest:
         if data.get("format") == "sdonnx-controlnet":
             raise ManifestError("this folder holds a ControlNet: name it in a ControlNet unit (controlnet=, "
                                 "--controlnet), not as the model")
+        if data.get("format") == "sdonnx-postprocess":  # sdonnx/postprocess/manifest.py's
+            raise ManifestError(f"this is a converted {str(data.get('kind', 'post-processing')).replace('_', ' ')} "
+                                f"model, not a Stable Diffusion model (upscalers are used by name: --upscaler, "
+                                f"--hires-upscaler)")
         if data.get("format") != FORMAT:
             raise ManifestError(f"not an sdonnx manifest (format {data.get('format')!r})")
         version = data.get("format_version", 0)

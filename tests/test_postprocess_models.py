@@ -76,3 +76,10 @@ def test_a_damaged_folder_does_not_hide_the_others(tmp_path, caplog):
     _write(tmp_path / "bad", scale="four")
     assert [f.name for f in scan([tmp_path], "upscaler")] == ["good"]
     assert "skipping" in caplog.text and "scale" in caplog.text
+
+
+def test_a_postprocess_folder_given_as_a_diffusion_model_says_what_it_is(tmp_path):
+    from sdonnx.manifest import ManifestError, load_manifest
+
+    with pytest.raises(ManifestError, match="a converted upscaler model, not a Stable Diffusion model"):
+        load_manifest(_write(tmp_path / "4x-UltraSharp"))
