@@ -115,7 +115,9 @@ def looks_like_postprocess(source):
     return True
 
 
-_DIFFUSION_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+# Stable Diffusion checkpoints and ControlNets: left to their own converters after a look at the keys
+_DIFFUSION_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
+                       "control_model.", "input_hint_block.", "controlnet_cond_embedding.")
 
 
 def _keys(path):
