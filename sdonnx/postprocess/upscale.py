@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .models import NotConverted, find, scan
+from .models import ModelNotFound, find, scan
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +260,7 @@ class Upscalers:
         if name not in self._loaded:
             try:
                 found = find(self.folders, KIND, name, upscaler_name)
-            except NotConverted:
-                raise
-            except ValueError:
+            except ModelNotFound:  # (a file not converted yet raises NotConverted, with the command to run)
                 raise ValueError(f"unknown upscaler {name!r}; choose one of {', '.join(self.names())} "
                                  f"(models from {', '.join(str(f) for f in self.folders)})") from None
             self._loaded[name] = ModelUpscaler(name, found.folder, found.manifest, self._provider_plan(),
