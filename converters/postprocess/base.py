@@ -16,7 +16,7 @@ from sdonnx.manifest import MANIFEST_NAME
 from sdonnx.postprocess.manifest import PostprocessManifest, Tiling
 
 from ..checkpoint import CheckpointError, _load_pickle, _load_safetensors
-from ..convert import ConvertError, _leftover_pattern, _remove_leftovers, _replace_folder
+from ..convert import ConvertError, _remove_leftovers, _replace_folder
 
 log = logging.getLogger(__name__)
 
