@@ -52,3 +52,24 @@ def _progress(message):
 
 def _echo_postprocess(manifest):
     click.echo(f"converted {manifest.name} ({manifest.kind}, {manifest.architecture}, {manifest.scale}x)")
+
+
+@click.command()
+@click.argument("model", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompts", multiple=True,
+              help="A calibration prompt (repeatable) [default: four varied prompts].")
+@click.option("--size", type=int, default=None, help="Calibration image size [default: the model's native size; "
+                                                      "smaller is faster and covers the same noise levels].")
+@click.option("--steps", type=int, default=12, show_default=True, help="Sampling steps per calibration prompt.")
+def quantize(model, prompts, size, steps):
+    """Add a statically quantized int8 UNet (QDQ) to MODEL, calibrated on its own sampling trajectory; run it
+    with `sdonnx generate --precision int8` (CPU provider or OpenVINO)."""
+    from .quantize import PROMPTS, quantize_unet
+
+    try:
+        variant = quantize_unet(model, prompts or PROMPTS, size=size, steps=steps,
+                                progress=_progress)
+    except _user_errors() as e:
+        _fail(e)
+    errors = ", ".join(f"t={t}: {e:.2%}" for t, e in variant["relative_error"].items())
+    click.echo(f"wrote {variant['path']} (relative UNet error against fp32: {errors})")

@@ -9,6 +9,10 @@ from .cli_upscale import folders_from, upscaler_folder_options
 from .cli_controlnet import RAW_ARGS, UnitOrderCommand, controlnet_options
 
 
+PRECISION_CHOICES = ("fp32", "bf16", "fp16", "int8", "auto")  # runtime/precision.py CHOICES (kept import-free)
+PRECISION_HELP = ("Arithmetic precision: fp32, bf16 (OpenVINO on CPUs with AVX512-BF16/AMX), fp16, int8 (the model's "
+                  "int8 UNet: sdonnx quantize) or auto (the fastest this provider and CPU run well; -v says which) "
+                  "[default: each graph as converted]. `sdonnx providers` lists what is fast here.")
 # the errors a user can cause; they print one line and exit non-zero, never a traceback. Running out of
 # memory is one: the user chose the size
 USER_ERRORS = (ValueError, OSError, MemoryError)
@@ -151,6 +155,15 @@ def _infotext_settings(from_image, from_infotext):
     return GenerationRequest.from_infotext(text).to_kwargs(changed_only=True) if text else {}
 
 
+def _infotext_load_options(from_image, from_infotext):
+    """The load options (precision) an image's or a text's infotext records."""
+    from .image import read_infotext
+    from .request import GenerationRequest
+
+    text = read_infotext(from_image) if from_image else from_infotext
+    return GenerationRequest.load_options_from_infotext(text) if text else {}
+
+
 def _cli_request(prompt, model, from_image, from_infotext, outpaint, fields, raw_args=()):
     """The request of a generate command: the infotext's settings, then the flags given over them (raw_args: the
     arguments as typed, whose order groups the ControlNet unit flags)."""
@@ -245,6 +258,8 @@ def main(verbose):
               help="Folder of <hypernet:name:w> .pt files [default: models/hypernetworks].")
 @click.option("--controlnet-dir", type=click.Path(file_okay=False),
               help="Folder of converted ControlNets that --controlnet names [default: models/ControlNet].")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default=None,
+              help=PRECISION_HELP)
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--lowmem/--no-lowmem", default=None,
               help="Create each stage's session when needed and free it after (A1111's --medvram idea): peak "
@@ -255,7 +270,7 @@ def main(verbose):
 @controlnet_options
 @_request_options
 def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
-             lora_dir, hypernetwork_dir, controlnet_dir, outdir, lowmem, models_root, esrgan_models_path,
+             lora_dir, hypernetwork_dir, controlnet_dir, precision, outdir, lowmem, models_root, esrgan_models_path,
              realesrgan_models_path, swinir_models_path, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
@@ -270,10 +285,13 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         request = _cli_request(prompt, model, from_image, from_infotext, outpaint, fields, raw_args)
         if lowmem is None:
             lowmem = request.prompt.batch_count == 1
+        if precision is None:  # an image made in bf16 is reproduced in bf16
+            precision = _infotext_load_options(from_image, from_infotext).get("precision")
         upscaler_dirs = folders_from(models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path)
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir,
-                             upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir)
+                             upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir,
+                             precision=precision)
         _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
@@ -409,8 +427,27 @@ def providers(device_id, device):
         if found:
             click.echo(f"{'':9} devices: {', '.join(found)}")
     click.echo(f"auto picks: {started[0] if started else 'nothing starts'}")
+    for line in cpu_lines("openvino" in started):
+        click.echo(line)
     if conflict:
         sys.exit(1)
+
+
+def cpu_lines(openvino_started, flags=None, capabilities=None):
+    """What `sdonnx providers` says about the CPU: the features that matter for lower precisions, the
+    precisions it computes natively, and OpenVINO's own list for its CPU device."""
+    from .runtime import cpu
+
+    flags = cpu.cpu_flags() if flags is None else flags
+    found = ", ".join(cpu.features(flags)) or (f"none of {', '.join(cpu.FEATURES.values())}" if flags
+                                                else "unknown (no /proc/cpuinfo)")
+    yield f"cpu features: {found}"
+    yield (f"fast precisions here: {', '.join(cpu.fast_precisions(flags))} "
+           f"(bf16: OpenVINO's inference precision hint; int8: a quantized UNet, `sdonnx quantize`)")
+    if openvino_started:
+        caps = cpu.openvino_capabilities("CPU") if capabilities is None else capabilities
+        if caps:
+            yield f"openvino CPU capabilities: {', '.join(sorted(caps))}"
 
 
 def _provider_status(p, name, offered, device_id, device):
@@ -447,10 +484,12 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
 @click.option("--device", default=None, help="OpenVINO device: CPU, GPU, GPU.1, NPU or AUTO [default: a GPU when "
                                               "OpenVINO finds one, else CPU].")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default=None,
+              help=PRECISION_HELP)
 @upscaler_folder_options
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
           embeddings_dir, hypernetwork_dir, controlnet_dir, outdir, provider, device_id, device, models_root,
-          esrgan_models_path, realesrgan_models_path, swinir_models_path):
+          esrgan_models_path, realesrgan_models_path, swinir_models_path, precision):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -460,7 +499,8 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
         _fail(f"serving needs the serve extra: pip install 'sdonnx[serve]' ({e})")
     roots = [Path(m) for m in models]
     try:
-        app = create_app(models, provider=provider, device_id=device_id, device=device, api_auth=api_auth,
+        app = create_app(models, provider=provider, device_id=device_id, device=device, precision=precision,
+                         api_auth=api_auth,
                          cors_allow_origins=[o.strip() for o in cors_allow_origins.split(",") if o.strip()],
                          cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
                          lora_dirs=lora_dir or [r / "Lora" for r in roots],

@@ -78,6 +78,9 @@ class Component:
     # active; `path` stays the fp32 graph that `weights` names (LoRA merges, the fp16 VAE's fp32 fallback)
     optimized_path: str | None = None
     optimized: dict = field(default_factory=dict)  # target, dtype, quantize, fused op counts, parity error
+    # more graphs derived from `path`, by the precision they run in ({"int8": {"path": ..., how it was made,
+    # its measured cost}}: the static QDQ UNet of `sdonnx quantize`), chosen with Pipeline.load(precision=)
+    variants: dict = field(default_factory=dict)
 
     @property
     def optimized_dtype(self):
@@ -195,6 +198,7 @@ class Manifest:
     def files(self):
         """The files this manifest names, relative to the model folder."""
         named = [p for c in self.components.values() for p in (c.path, c.optimized_path) if p]
+        named += [v["path"] for c in self.components.values() for v in c.variants.values()]
         return named + [p for t in self.text_encoders for p in (t.tokenizer, t.token_embeddings)]
 
 
@@ -267,13 +271,17 @@ def _check_component(c, where):
     _check_path(c.path, f"{where}.path")
     if c.optimized_path is not None:
         _check_path(c.optimized_path, f"{where}.optimized_path")
-    for name in ("inputs", "outputs", "input_dtypes", "weights", "optimized"):
+    for name in ("inputs", "outputs", "input_dtypes", "weights", "optimized", "variants"):
         if not isinstance(getattr(c, name), dict):
             raise ManifestError(f"{where}.{name} must be an object, got {_kind(getattr(c, name))}")
     for name, dims in (*c.inputs.items(), *c.outputs.items()):
         if not isinstance(dims, list) or not all(d is None or isinstance(d, str) for d in dims):
             raise ManifestError(f"{where}: the dimensions of {name} must be a list of names or nulls")
     _check_text(c.dtype, f"{where}.dtype")
+    for precision, variant in c.variants.items():
+        if not isinstance(variant, dict) or "path" not in variant:
+            raise ManifestError(f"{where}.variants.{precision} must be an object with a path")
+        _check_path(variant["path"], f"{where}.variants.{precision}.path")
     if c.parity_max_abs_err is not None and (isinstance(c.parity_max_abs_err, bool)
                                              or not isinstance(c.parity_max_abs_err, (int, float))):
         raise ManifestError(f"{where}.parity_max_abs_err must be a number or null")

@@ -25,7 +25,9 @@ from .prompt import extract_networks
 from .prompt.conditioning import JointPromptEncoder, PromptEncoder, check_emphasis, encode_prompt
 from .postprocess.upscale import Upscalers, resize_with, upscaler_folders
 from .request import MAX_SEED, GenerationRequest  # noqa: F401  (MAX_SEED: re-exported, doors use it)
+from .runtime import precision as precision_mod
 from .runtime import providers as providers_mod
+from .runtime.precision import Precision
 from .runtime.components import TextEncoder, UNet, VaeDecoder, VaeEncoder
 from .runtime.session import return_freed_memory
 from .samplers import SAMPLER_INFO, SAMPLERS, BrownianTreeNoiseSampler
@@ -79,10 +81,11 @@ class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
     def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None,
-                 upscaler_dirs=None, controlnet_dir=None):
+                 upscaler_dirs=None, controlnet_dir=None, precision=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
+        self.precision = precision or Precision()  # runtime.precision.Precision: which graphs, which hint
         self.lowmem = lowmem
         # caches only: nothing a generate call asks for is kept for the next one
         self._components = {}  # (name, LoRA key, tiling, hypernetwork key: each None when off) -> component facade
@@ -112,7 +115,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
-             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None):
+             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None, precision=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
@@ -124,11 +127,20 @@ class Pipeline:
         upscaler_dirs: where the hires fix finds upscaler models by name (default A1111's models/ESRGAN,
         models/RealESRGAN and models/SwinIR; see postprocess.upscale.upscaler_folders).
         device: the OpenVINO device (CPU, GPU, GPU.1, NPU, AUTO; default a GPU when present, else the CPU).
-        A provider named here that does not start on a one-node graph is a ProviderError."""
+        A provider named here that does not start on a one-node graph is a ProviderError.
+        precision: fp32, bf16, fp16, int8 or auto (runtime/precision.py: what each provider can do); None runs
+        each graph as converted. One this provider, CPU or model cannot run is a PrecisionError naming the
+        valid ones; `auto` logs what it picked."""
         manifest = load_manifest(path)
-        return cls(path, manifest, providers_mod.plan(provider, device_id, device), lora_dir=lora_dir,
-                   embeddings_dir=embeddings_dir, lowmem=lowmem, hypernetwork_dir=hypernetwork_dir,
-                   upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir)
+        plan = providers_mod.plan(provider, device_id, device)
+        chosen = precision_mod.resolve(precision, plan.names[0], plan.device(plan.providers[0][0]), manifest)
+        if chosen.openvino:
+            plan = providers_mod.with_openvino_options(plan, chosen.openvino)
+        if chosen.name is not None:
+            log.info("precision %s (UNet: %s)", chosen.name, chosen.label(manifest))
+        return cls(path, manifest, plan, lora_dir=lora_dir, embeddings_dir=embeddings_dir, lowmem=lowmem,
+                   hypernetwork_dir=hypernetwork_dir, upscaler_dirs=upscaler_dirs,
+                   controlnet_dir=controlnet_dir, precision=chosen)
 
     @property
     def providers(self):
@@ -147,6 +159,7 @@ class Pipeline:
             kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
                     "vae_encoder": VaeEncoder}
             options = {"replacements": networks.loras.replacements[name]} if lora_key is not None else {}
+            options["precision"] = self.precision
             if tiling:
                 options["tiling"] = tiling
             if base:
@@ -335,7 +348,8 @@ class Pipeline:
         controls = self._controls(request, plan)
         facts = {"Model hash": self.manifest.model_hash, "Model": self.manifest.name,
                  "Lora hashes": networks.hashes if networks else None, "TI hashes": prompt_params["TI hashes"],
-                 "Refiner": _refiner_name(refiner), "ControlNet": {i: c.net.manifest.title for i, c in enumerate(controls)}}
+                 "Refiner": _refiner_name(refiner), "ControlNet": {i: c.net.manifest.title for i, c in enumerate(controls)},
+                 "Precision": self._precision_label(networks, plan)}
         return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts, controls)
 
     def _controls(self, request, plan):
@@ -356,6 +370,13 @@ class Pipeline:
             detected = detect(unit, image, mask, plan.width, plan.height, numpy_seed(plan.seed, plan.subseed or 0))
             controls.append(Control(unit, net, detected))
         return tuple(controls)
+
+    def _precision_label(self, networks, plan):
+        """The UNet's precision for the infotext: None for fp32. LoRA, hypernetworks and tiling run the fp32
+        base graph (they rewrite its weights and convolutions); a provider's precision hint still applies."""
+        base = bool(networks) or bool(plan.tiling)
+        label = self.precision.label(self.manifest, base=base)
+        return None if label == "fp32" else label
 
     def _run(self, request, plan, job, hooks):
         """The batches, one after the other: sample, decode, infotext."""

@@ -30,6 +30,9 @@ from .infotext import format_infotext, parse_infotext
 from .schedules import SCHEDULER_NAMES
 
 MAX_SEED = 2**32 - 1
+# the precision the UNet ran in (a load option, not a request field: runtime/precision.py says why)
+PRECISION_KEY = "Precision"
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 _MISSING = object()
 
 
@@ -488,6 +491,17 @@ class GenerationRequest:
             kwargs["strength"] = float(params["Denoising strength"])
         return cls.from_kwargs(**kwargs)
 
+    @staticmethod
+    def load_options_from_infotext(text):
+        """The load options an infotext records beside the request: {"precision": ...} when it names one
+        (an image made in bf16 is reproduced in bf16); a value sdonnx does not know is a ValueError."""
+        value = parse_infotext(text).get(PRECISION_KEY)
+        if value is None:
+            return {}
+        if value.strip().lower() not in PRECISIONS:
+            raise ValueError(f"infotext {PRECISION_KEY}: {value!r} is not one of {', '.join(PRECISIONS)}")
+        return {"precision": value.strip().lower()}
+
     @classmethod
     def from_a1111(cls, payload, mode="txt2img", **context):
         """The request an A1111 API payload (a txt2img/img2img body as a dict) asks for, with A1111's
@@ -502,7 +516,8 @@ class GenerationRequest:
     def infotext_params(self, plan, facts=None):
         """The infotext's {key: value} for every image of the job (Seed and Variation seed are per image).
 
-        facts: what the model side knows ("Model hash", "Model", "Lora hashes", "TI hashes", "Refiner")."""
+        facts: what the model side knows ("Model hash", "Model", "Lora hashes", "TI hashes", "Refiner",
+        "Precision": the UNet's precision when not fp32)."""
         facts = facts or {}
         hr, init = plan.hires, plan.init
         # known keys are put in A1111's order by the formatter; the others keep this order (as before the
@@ -517,6 +532,7 @@ class GenerationRequest:
                 **self.hires.params(plan), **self.refiner.params(plan, facts.get("Refiner")),
                 **self.sampling.option_params(plan), **self.init.mask_mode_params(plan), **self.sdxl.params(),
                 "Tiled VAE": tiling["Tiled VAE"], **self.controlnet.params(facts.get("ControlNet")),
+                PRECISION_KEY: facts.get(PRECISION_KEY),
                 "Version": f"sdonnx {__version__}"}
 
     def infotext(self, plan, index=0, facts=None, params=None):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .precision import Precision
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -21,18 +22,24 @@ def derived_runs_on(spec, plan):
 
 
 class _Component:
-    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None, base=False, graph=None):
+    def __init__(self, folder, manifest, name, plan, replacements=None, tiling=None, base=False, graph=None,
+                 precision=None):
         """base: run the fp32 base graph even where a derived (optimized/fp16/int8) one exists; LoRA
         replacements, tiling and graph (a rewrite of the base graph: hypernetworks) always do, as they name
-        and rewrite the base graph's initializers, convs and projections."""
+        and rewrite the base graph's initializers, convs and projections. precision: a runtime.precision
+        Precision, which picks among the base graph, the derived one and the variants (default: the derived
+        graph where there is one)."""
         spec = manifest.components[name]
-        derived = spec.optimized_path and not (base or replacements or tiling or graph)
-        if derived and not derived_runs_on(spec, plan):
+        which = (precision or Precision()).graph(spec, name)
+        if base or replacements or tiling or graph:
+            which = "base"
+        if which == "derived" and not derived_runs_on(spec, plan):
             log.warning("%s: its graph is optimized for %s, which %s does not run; using the fp32 base graph "
                         "(convert with --target cpu, or without --optimize, for this provider)",
                         name, spec.optimized["target"], plan.names[0])
-            derived = False
-        path = Path(folder) / (spec.optimized_path if derived else spec.path)
+            which = "base"
+        derived = which != "base"
+        path = Path(folder) / {"base": spec.path, "derived": spec.optimized_path}.get(which, which)
         self.session = Session(path, plan, name=name, replacements=replacements, tiling=tiling, dims=spec.inputs,
                                graph=graph)
         self.is_base = not derived
@@ -43,8 +50,8 @@ class TextEncoder(_Component):
     """The CLIP text transformer; the token-embedding lookup happens here in numpy, so textual inversion
     can hand in extra rows (`inputs_embeds`) without touching the graph."""
 
-    def __init__(self, folder, manifest, name, plan, info=None, replacements=None):
-        super().__init__(folder, manifest, name, plan, replacements)
+    def __init__(self, folder, manifest, name, plan, info=None, replacements=None, precision=None):
+        super().__init__(folder, manifest, name, plan, replacements, precision=precision)
         self.info = info = info or next(t for t in manifest.text_encoders if t.component == name)
         self.token_embeddings = _token_embeddings(Path(folder) / info.token_embeddings, info.hidden_size)
 

@@ -171,6 +171,19 @@ def plan(provider="auto", device_id=0, device=None, openvino=None):
     return result
 
 
+def with_openvino_options(plan, overrides):
+    """The plan with these OpenVINO provider options set over its own (a dict value is sent as JSON, the
+    form `load_config` takes)."""
+    import dataclasses
+
+    def updated(name, options):
+        if name != PROVIDERS["openvino"]:
+            return name, options
+        return name, {**options, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in overrides.items()}}
+
+    return dataclasses.replace(plan, providers=[updated(n, o) for n, o in plan.providers])
+
+
 def _first_that_starts(offered, options):
     """auto: the first offered provider whose one-node session starts (the CPU always does)."""
     for name in offered:

@@ -29,14 +29,16 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 
 
-def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=None, cors_allow_origins=(),
+def create_app(models, *, provider="auto", device_id=0, device=None, precision=None, api_auth=None,
+               cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
                max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=()):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
-    (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider.
+    (HTTP basic on every route). load_pipeline(path) -> Pipeline defaults to Pipeline.load on the provider,
+    in `precision` (a load option for every model served: runtime/precision.py says why not per request).
     max_queue: generation requests waiting behind the running one before new ones are refused (503).
     upscaler_dirs: where hires fix and the Extras routes find upscaler models (default A1111's ESRGAN,
     RealESRGAN and SwinIR folders under each models folder given).
@@ -54,9 +56,18 @@ def create_app(models, *, provider="auto", device_id=0, device=None, api_auth=No
 
         # a provider that does not start fails here, not at the first request
         provider_plan = plan(provider, device_id, device)
+        if precision is not None:  # likewise a precision a model cannot run
+            from ..runtime.precision import resolve
+
+            for entry in store.models:
+                try:
+                    resolve(precision, provider_plan.names[0], provider_plan.device(provider_plan.providers[0][0]),
+                            entry.manifest)
+                except ValueError as e:
+                    raise ValueError(f"model {entry.name}: {e}") from None
 
         def load_pipeline(path):  # generation reads the LoRA and embedding folders the lists show
-            return Pipeline.load(path, provider=provider, device_id=device_id, device=device,
+            return Pipeline.load(path, provider=provider, device_id=device_id, device=device, precision=precision,
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
                                  hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs,
                                  controlnet_dir=store.controlnet_dirs)
