@@ -260,6 +260,10 @@ def main(verbose):
               help="Folder of converted ControlNets that --controlnet names [default: models/ControlNet].")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default=None,
               help=PRECISION_HELP)
+@click.option("--gfpgan-models-path", type=click.Path(file_okay=False),
+              help="Converted GFPGAN model, face detector and parser for --restore-faces [default: MODELS_ROOT/GFPGAN].")
+@click.option("--codeformer-models-path", type=click.Path(file_okay=False),
+              help="Converted CodeFormer model for --restore-faces [default: MODELS_ROOT/Codeformer].")
 @click.option("-o", "--outdir", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--lowmem/--no-lowmem", default=None,
               help="Create each stage's session when needed and free it after (A1111's --medvram idea): peak "
@@ -270,8 +274,8 @@ def main(verbose):
 @controlnet_options
 @_request_options
 def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
-             lora_dir, hypernetwork_dir, controlnet_dir, precision, outdir, lowmem, models_root, esrgan_models_path,
-             realesrgan_models_path, swinir_models_path, **fields):
+             lora_dir, hypernetwork_dir, controlnet_dir, precision, gfpgan_models_path, codeformer_models_path, outdir,
+             lowmem, models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
 
     Every setting of the generation request is an option below."""
@@ -291,13 +295,21 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir,
                              upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir,
-                             precision=precision)
+                             precision=precision,
+                             face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path))
         _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: {len(saved)} image(s) saved in {outdir}", err=True)
         sys.exit(130)  # the shell's code for a SIGINT
+
+
+def _face_dirs(models_root, gfpgan_models_path, codeformer_models_path):
+    """restore_faces' folders: A1111's --gfpgan-models-path and --codeformer-models-path, default MODELS_ROOT/GFPGAN
+    and MODELS_ROOT/Codeformer."""
+    root = Path(models_root or "models")
+    return {"gfpgan_dir": gfpgan_models_path or root / "GFPGAN", "codeformer_dir": codeformer_models_path or root / "Codeformer"}
 
 
 def _generate_and_save(pipe, request, outdir, saved):
@@ -478,6 +490,10 @@ def _provider_status(p, name, offered, device_id, device):
               help="Hypernetwork folder (default: MODELS/hypernetworks).")
 @click.option("--controlnet-dir", multiple=True, type=click.Path(),
               help="Folder of converted ControlNets (default: MODELS/ControlNet).")
+@click.option("--gfpgan-models-path", type=click.Path(file_okay=False),
+              help="Converted GFPGAN model, face detector and parser for restore_faces [default: MODELS_ROOT/GFPGAN].")
+@click.option("--codeformer-models-path", type=click.Path(file_okay=False),
+              help="Converted CodeFormer model for restore_faces [default: MODELS_ROOT/Codeformer].")
 @click.option("-o", "--outdir", default=None, type=click.Path(file_okay=False),
               help="Where requests with save_images go (default: not saved).")
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
@@ -488,8 +504,8 @@ def _provider_status(p, name, offered, device_id, device):
               help=PRECISION_HELP)
 @upscaler_folder_options
 def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
-          embeddings_dir, hypernetwork_dir, controlnet_dir, outdir, provider, device_id, device, models_root,
-          esrgan_models_path, realesrgan_models_path, swinir_models_path, precision):
+          embeddings_dir, hypernetwork_dir, controlnet_dir, gfpgan_models_path, codeformer_models_path, outdir, provider,
+          device_id, device, models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path, precision):
     """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
     try:
         import uvicorn
@@ -508,7 +524,8 @@ def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins
                          hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir,
                          upscaler_dirs=folders_from(models_root, esrgan_models_path, realesrgan_models_path,
                                                     swinir_models_path),
-                         controlnet_dirs=controlnet_dir or [r / "ControlNet" for r in roots])
+                         controlnet_dirs=controlnet_dir or [r / "ControlNet" for r in roots],
+                         face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path))
     except _user_errors() as e:
         _fail(e)
     host = "0.0.0.0" if listen else "127.0.0.1"

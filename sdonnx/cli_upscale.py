@@ -1,4 +1,4 @@
-"""`sdonnx upscale`: A1111's Extras tab on image files (upscale; face restoration joins as more options)."""
+"""`sdonnx upscale`: A1111's Extras tab on image files (upscale, then GFPGAN and CodeFormer face restoration)."""
 import re
 
 import click
@@ -49,16 +49,29 @@ def _size(text):
 @click.option("--tile", default=None, type=int, help="Tile size in input pixels, 0 for none [the model's: 192].")
 @click.option("--tile-overlap", default=None, type=int, help="Tile overlap in input pixels [the model's: 8].")
 @click.option("--list", "list_only", is_flag=True, help="List the upscalers found and exit (IMAGES may be omitted).")
+@click.option("--restore-faces", type=click.Choice(["GFPGAN", "CodeFormer"]), default=None,
+              help="Restore faces after the upscale: that restorer at visibility 1 (A1111's Extras checkboxes).")
+@click.option("--gfpgan-visibility", "gfpgan_visibility", default=0.0, type=float, help="How much of GFPGAN shows (0 to 1).")
+@click.option("--codeformer-visibility", "codeformer_visibility", default=0.0, type=float,
+              help="How much of CodeFormer shows (0 to 1).")
+@click.option("--codeformer-weight", "codeformer_weight", default=0.0, show_default=True, type=float,
+              help="CodeFormer fidelity: 0 its codebook's face, 1 the input's (A1111's Extras default 0).")
+@click.option("--gfpgan-models-path", type=click.Path(file_okay=False),
+              help="Converted GFPGAN model, face detector and parser [MODELS_ROOT/GFPGAN].")
+@click.option("--codeformer-models-path", type=click.Path(file_okay=False), help="Converted CodeFormer [MODELS_ROOT/Codeformer].")
 @upscaler_folder_options
 @click.option("--provider", default="auto", show_default=True, help="auto, cpu, cuda, dml, migraphx, rocm or openvino.")
 @click.option("--device-id", default=0, show_default=True, type=int, help="CUDA/DirectML/ROCm device (adapter) index.")
 @click.option("-o", "--outdir", default=DEFAULT_OUTDIR, show_default=True, type=click.Path(file_okay=False))
-def upscale(images, resize_to, tile, tile_overlap, list_only, models_root, esrgan_models_path, realesrgan_models_path,
-            swinir_models_path, provider, device_id, outdir, **fields):
+def upscale(images, resize_to, tile, tile_overlap, list_only, restore_faces, gfpgan_models_path, codeformer_models_path,
+            models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path, provider, device_id, outdir,
+            **fields):
     """Upscale IMAGES as A1111's Extras tab does; the PNGs keep the source's infotext and add A1111's
     "postprocessing" text (Postprocess upscale by: 2, Postprocess upscaler: ...)."""
     from .cli import _fail, _user_errors  # here: sdonnx.cli registers this command at its import
+    from .cli import _face_dirs
     from .postprocess.extras import ExtrasModels, ExtrasRequest
+    from .postprocess.faces import FaceRestorers, face_folders
     from .postprocess.upscale import Upscalers
     from .runtime import providers
 
@@ -68,11 +81,15 @@ def upscale(images, resize_to, tile, tile_overlap, list_only, models_root, esrga
             return _list(Upscalers(folders))
         if resize_to:
             fields.update(zip(("upscaling_resize_w", "upscaling_resize_h"), _size(resize_to)), resize_mode=1)
+        if restore_faces:
+            fields[f"{restore_faces.lower()}_visibility"] = 1.0
         request = ExtrasRequest(**fields)
-        upscalers = Upscalers(folders, providers.plan(provider, device_id), tile, tile_overlap)
-        request.validate(upscalers)  # names and ranges before the first image is read
+        plan = providers.plan(provider, device_id)
+        upscalers = Upscalers(folders, plan, tile, tile_overlap)
+        faces = FaceRestorers(face_folders(**_face_dirs(models_root, gfpgan_models_path, codeformer_models_path)), plan)
+        request.validate(upscalers, faces)  # names, ranges and models before the first image is read
         for path in images:
-            click.echo(str(_one(path, request, ExtrasModels(upscalers), outdir)))
+            click.echo(str(_one(path, request, ExtrasModels(upscalers, faces), outdir)))
     except click.BadParameter:
         raise
     except _user_errors() as e:

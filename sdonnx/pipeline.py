@@ -81,7 +81,7 @@ class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
     def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None,
-                 upscaler_dirs=None, controlnet_dir=None, precision=None):
+                 upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
@@ -99,6 +99,11 @@ class Pipeline:
         folders = controlnet_dir if isinstance(controlnet_dir, (list, tuple)) else (controlnet_dir,)
         self.controlnet_library = Library(tuple(Path(f) for f in folders if f) or (DEFAULT_CONTROLNET_DIR,))
         self._controlnets = {}  # resolved ControlNet folder -> ControlNetModel (its session made on first use)
+        # restore faces: {"GFPGAN": folder, "CodeFormer": folder} (A1111's models/GFPGAN, models/Codeformer)
+        from .postprocess.faces import face_folders
+
+        self.face_dirs = face_folders(**(face_dirs or {}))
+        self._face_restorers = {}  # restorer name -> postprocess.faces.FaceRestorer
         self._vae_overflowed = False  # the fp16 VAE decoder gave NaN/Inf once: use the fp32 one from then on
         self._ran = {}  # this generate call: component -> its Session, or (provider, device) once released
         self.tokenizers = {t.component: ClipTokenizer.from_model(self.folder, t) for t in manifest.text_encoders}
@@ -115,7 +120,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
-             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None, precision=None):
+             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
@@ -128,6 +133,8 @@ class Pipeline:
         models/RealESRGAN and models/SwinIR; see postprocess.upscale.upscaler_folders).
         device: the OpenVINO device (CPU, GPU, GPU.1, NPU, AUTO; default a GPU when present, else the CPU).
         A provider named here that does not start on a one-node graph is a ProviderError.
+        face_dirs: {"gfpgan_dir": ..., "codeformer_dir": ...}, where restore_faces finds its converted models
+        (default models/GFPGAN and models/Codeformer, the detector and parser in either).
         precision: fp32, bf16, fp16, int8 or auto (runtime/precision.py: what each provider can do); None runs
         each graph as converted. One this provider, CPU or model cannot run is a PrecisionError naming the
         valid ones; `auto` logs what it picked."""
@@ -140,7 +147,7 @@ class Pipeline:
             log.info("precision %s (UNet: %s)", chosen.name, chosen.label(manifest))
         return cls(path, manifest, plan, lora_dir=lora_dir, embeddings_dir=embeddings_dir, lowmem=lowmem,
                    hypernetwork_dir=hypernetwork_dir, upscaler_dirs=upscaler_dirs,
-                   controlnet_dir=controlnet_dir, precision=chosen)
+                   controlnet_dir=controlnet_dir, precision=chosen, face_dirs=face_dirs)
 
     @property
     def providers(self):
@@ -314,6 +321,8 @@ class Pipeline:
         if plan.hires is not None and plan.hires.upscaler not in LATENT_UPSCALERS:
             self.upscalers.get(plan.hires.upscaler)  # an unknown or unconverted model fails before any pass
         hooks = _Hooks(_check_latents(latents, plan, request.prompt), callback, noise_sampler, preview, on_batch)
+        if request.faces.restore_faces:  # its models found and loaded before any sampling
+            self.face_restorer(request.faces.restore_faces)
         refiner = self._refiner(request.refiner.refiner)
         job = self._prepare(request, plan, refiner)
         return self._run(request, plan, job, hooks)
@@ -510,7 +519,26 @@ class Pipeline:
             from .controlnet.apply import restore_images
 
             images = restore_images(images, job.controls, images[0].width, images[0].height)
+        # A1111: scripts' batch postprocessing, then restore faces per image, then the inpainting paste
+        images = self._restore_faces(images, request.faces)
         return [plan.init.finish(im) for im in images] if plan.init else images
+
+    def face_restorer(self, name):
+        """The FaceRestorer of `name` (GFPGAN or CodeFormer) from self.face_dirs, loaded on first use."""
+        if name not in self._face_restorers:
+            from .postprocess.faces import FaceRestorer, find_models
+
+            self._face_restorers[name] = FaceRestorer(*find_models(name, self.face_dirs), plan=self.plan)
+        return self._face_restorers[name]
+
+    def _restore_faces(self, images, faces):
+        if not faces.restore_faces:
+            return images
+        from PIL import Image
+
+        restorer = self.face_restorer(faces.restore_faces)
+        return [Image.fromarray(restorer.restore(np.asarray(im.convert("RGB")), codeformer_weight=faces.codeformer_weight))
+                for im in images]
 
     def _init_latents(self, plan, tiled):
         """(init latent [1, C, h, w] or None, inpainting-model image conditioning [1, C+1, h, w] or None)."""

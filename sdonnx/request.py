@@ -415,8 +415,30 @@ class ControlNetPart(_Part):
         return {"controlnet": tuple(ControlNetUnit.from_infotext(params[k]) for _, k in keys)} if keys else {}
 
 
+@dataclass(frozen=True)
+class FacesPart(_Part):
+    """A1111's "Restore faces": GFPGAN or CodeFormer on every image after it is decoded (and after the
+    hires pass), before it is saved; the inpainting paste-back comes after it, as in A1111."""
+
+    restore_faces: str = option(None, "Face restoration", "Restore faces with this model (A1111's Restore faces): "
+                                "GFPGAN or CodeFormer.", kind=str, choices=("GFPGAN", "CodeFormer"))
+    codeformer_weight: float = option(0.5, "CodeFormer weight", "CodeFormer fidelity: 0 the codebook's face "
+                                      "(quality), 1 the input's (A1111's code_former_weight).")
+
+    def params(self):
+        """A1111 writes the model's name; the weight is sdonnx's own key, written when CodeFormer runs with a
+        weight other than A1111's default."""
+        weight = self.codeformer_weight if self.restore_faces == "CodeFormer" and self.codeformer_weight != 0.5 else None
+        return {"Face restoration": self.restore_faces, "CodeFormer weight": weight}
+
+    @classmethod
+    def read(cls, params):
+        return cls.simple_read(params, "restore_faces", "codeformer_weight")
+
+
 PARTS = {"prompt": PromptPart, "sampling": SamplingPart, "seeds": SeedPart, "init": InitPart, "hires": HiresPart,
-         "refiner": RefinerPart, "sdxl": SdxlPart, "tiling": TilingPart, "controlnet": ControlNetPart}
+         "refiner": RefinerPart, "sdxl": SdxlPart, "tiling": TilingPart, "controlnet": ControlNetPart,
+         "faces": FacesPart}
 
 
 # ---------------------------------------------------------------------------------------- request
@@ -434,6 +456,7 @@ class GenerationRequest:
     sdxl: SdxlPart = field(default_factory=SdxlPart)
     tiling: TilingPart = field(default_factory=TilingPart)
     controlnet: ControlNetPart = field(default_factory=ControlNetPart)
+    faces: FacesPart = field(default_factory=FacesPart)
 
     @staticmethod
     def fields():
@@ -532,7 +555,7 @@ class GenerationRequest:
                 **self.hires.params(plan), **self.refiner.params(plan, facts.get("Refiner")),
                 **self.sampling.option_params(plan), **self.init.mask_mode_params(plan), **self.sdxl.params(),
                 "Tiled VAE": tiling["Tiled VAE"], **self.controlnet.params(facts.get("ControlNet")),
-                PRECISION_KEY: facts.get(PRECISION_KEY),
+                PRECISION_KEY: facts.get(PRECISION_KEY), **self.faces.params(),
                 "Version": f"sdonnx {__version__}"}
 
     def infotext(self, plan, index=0, facts=None, params=None):
@@ -607,6 +630,7 @@ def _make_plan(request, manifest, model_sigmas):
     _check_refiner(request.refiner)
     _check_sdxl(request.sdxl)
     _check_controlnet(request.controlnet, init)
+    _check_faces(request.faces)
     return Plan(width, height, (manifest.latent_channels, height // factor, width // factor), seed, subseed,
                 sampler, sigmas, init, hires, hires_sampler, hires_sigmas, _tiling(request.tiling))
 
@@ -710,6 +734,15 @@ def _check_controlnet(part, init):
         if unit.image is None and init is None:
             raise ControlNetError(f"ControlNet unit {i}: no control image; give the unit an image (in img2img "
                                   f"the init image is used when it has none)")
+
+
+def _check_faces(part):
+    from .postprocess.faces import RESTORERS
+
+    if part.restore_faces is not None and part.restore_faces not in RESTORERS:
+        raise ValueError(f"restore_faces {part.restore_faces!r}: choose one of {', '.join(RESTORERS)}")
+    if not 0.0 <= finite("codeformer_weight", part.codeformer_weight) <= 1.0:
+        raise ValueError(f"codeformer_weight must be in [0, 1], got {part.codeformer_weight}")
 
 
 def _tiling(part):

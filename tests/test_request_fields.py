@@ -89,6 +89,8 @@ SAMPLES = {
     "tiled_vae": (True, {}),
     "controlnet": ((ControlNetUnit(model="control_v11p_sd15_canny", image=IMAGE, module="canny", weight=0.6,
                                    guidance_end=0.8, control_mode="My prompt is more important"),), {}),
+    "restore_faces": ("CodeFormer", {}),
+    "codeformer_weight": (0.7, {"restore_faces": "CodeFormer"}),
 }
 
 # door -> field -> why that door cannot carry it
@@ -198,6 +200,7 @@ A1111_VALUES = {
     "controlnet": lambda units: {"controlnet": {"args": [
         {**{k: v for k, v in dataclasses.asdict(u).items() if v is not None},
          "image": base64.b64encode(Path(u.image).read_bytes()).decode()} for u in units]}},
+    "restore_faces": lambda name: True,  # A1111's flag; the model is the face_restoration_model setting (CodeFormer)
 }
 
 

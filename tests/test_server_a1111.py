@@ -62,7 +62,8 @@ TXT2IMG = dict(prompt="p", negative_prompt="n", styles=["s"], seed=3, subseed=4,
 OPTION_VALUES = {"CLIP_stop_at_last_layers": 2, "randn_source": "CPU", "eta_noise_seed_delta": 31337, "sigma_min": 0.1,
                  "sigma_max": 10.0, "rho": 5.0, "emphasis": "No norm", "tiling": True, "sdxl_crop_top": 8,
                  "sdxl_crop_left": 8, "sdxl_refiner_high_aesthetic_score": 7.0,
-                 "sdxl_refiner_low_aesthetic_score": 2.0}
+                 "sdxl_refiner_low_aesthetic_score": 2.0, "face_restoration_model": "GFPGAN",
+                 "code_former_weight": 0.7, "face_restoration": True}
 
 
 def test_every_txt2img_field_and_option_reaches_its_keywords():
@@ -78,6 +79,7 @@ def test_every_txt2img_field_and_option_reaches_its_keywords():
     assert (kw["width"], kw["height"], kw["hires_width"], kw["hires_height"]) == (48, 48, 96, 96)
     assert (kw["hires_sampler"], kw["hires_scheduler"], kw["hires_denoising"]) == ("Heun", "Karras", 0.4)
     assert (kw["refiner"], kw["rng"], kw["crop_top_left"], kw["batch_count"]) == (str(Entry.path), "cpu", (8, 8), 2)
+    assert (kw["restore_faces"], kw["codeformer_weight"]) == ("GFPGAN", 0.7)
 
 
 def test_sampler_options_reach_the_samplers_taking_them():
@@ -110,8 +112,10 @@ def test_a1111_defaults_ask_for_nothing_extra():
 def test_unsupported_fields_and_unknown_ones_are_reported():
     req = Txt2ImgRequest(restore_faces=True, s_min_uncond=0.5, alwayson_scripts={"ADetailer": {"args": [True]}},
                          my_ext=1)
-    assert translate(req, "txt2img", {}, {}, _find).ignored == ["alwayson_scripts.ADetailer", "restore_faces",
-                                                                  "s_min_uncond", "my_ext"]
+    # restore_faces without the model installed: ignored and said, as A1111 leaves the image as it is
+    t = translate(req, "txt2img", {}, {}, _find, restorers=["GFPGAN"])
+    assert t.ignored == ["alwayson_scripts.ADetailer", "restore_faces", "s_min_uncond", "my_ext"]
+    assert "Face restoration model CodeFormer is not installed" in t.comments
     req = Txt2ImgRequest(denoising_strength=0.3)  # txt2img uses it for the hires pass only
     assert translate(req, "txt2img", {}, {}, _find).ignored == ["denoising_strength"]
 

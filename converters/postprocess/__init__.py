@@ -9,12 +9,14 @@ are written here in plain torch (spandrel, which A1111 uses, imports torchvision
 from .base import PostprocessConvertError, Recognised, convert_postprocess, looks_like_postprocess, recognise
 from .compact import recognise as _compact
 from .esrgan import recognise as _esrgan
+from .faces import recognise as _faces
 from .swinir import recognise as _swinir
 
 # tried in order; the first that claims the state dict converts it
-RECOGNISERS = (_esrgan, _compact, _swinir)
+RECOGNISERS = (_esrgan, _compact, _swinir, _faces)
 KNOWN = ("ESRGAN/RRDBNet (old and new layouts, Real-ESRGAN x4plus/x2plus)",
-         "Real-ESRGAN compact SRVGGNet (General 4xV3, AnimeVideo)", "SwinIR (super-resolution models)")
+         "Real-ESRGAN compact SRVGGNet (General 4xV3, AnimeVideo)", "SwinIR (super-resolution models)",
+         "GFPGAN v1.3/1.4", "CodeFormer", "RetinaFace ResNet-50 (facexlib)", "ParseNet (facexlib)")
 
 __all__ = ["KNOWN", "RECOGNISERS", "PostprocessConvertError", "Recognised", "convert_postprocess", "looks_like_postprocess",
            "recognise"]

@@ -35,13 +35,17 @@ class ExtrasRequest:
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False  # accepted as A1111's API does; its order is fixed (upscale first)
+    gfpgan_visibility: float = 0.0  # how much of the GFPGAN-restored image shows (0: the step is off)
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0  # CodeFormer's fidelity (A1111's Extras default 0)
 
     @classmethod
     def names(cls):
         return [f.name for f in fields(cls)]
 
-    def validate(self, upscalers):
-        """Every value in range and both upscalers known and converted; ValueError naming the bad one."""
+    def validate(self, upscalers, faces=None):
+        """Every value in range, both upscalers known and converted, and the face restorers asked for
+        (faces: postprocess.faces.FaceRestorers); ValueError naming the bad one."""
         if self.resize_mode not in (0, 1):
             raise ValueError(f"resize_mode {self.resize_mode!r}: choose 0 (scale by) or 1 (scale to)")
         if self.resize_mode == 0:
@@ -59,6 +63,15 @@ class ExtrasRequest:
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be an upscaler name, got {getattr(self, name)!r}")
             upscalers.get(getattr(self, name))
+        for name, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
+            if not 0 <= _finite(name, getattr(self, name)) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be from 0 to 1")
+            if getattr(self, name) > 0:
+                if faces is None:
+                    raise ValueError(f"{name}: face restoration needs its model folders")
+                faces.check(restorer)
+        if not 0 <= _finite("codeformer_weight", self.codeformer_weight) <= 1:
+            raise ValueError(f"codeformer_weight {self.codeformer_weight} must be from 0 to 1")
 
 
 def _finite(name, value):
@@ -76,6 +89,7 @@ class ExtrasModels:
     """What the steps run with: the upscalers (and, with face restoration, its models)."""
 
     upscalers: Upscalers
+    faces: object = None  # postprocess.faces.FaceRestorers
 
 
 @dataclass
@@ -160,14 +174,39 @@ def _upscale_once(image, request, upscaler, info):
     return canvas
 
 
-# A1111's postprocessing order; face restoration appends its steps after upscale_step
-STEPS = (upscale_step,)
+def _restore_step(name, visibility_key, weight_key=None):
+    """A1111's GFPGAN / CodeFormer postprocessing scripts: the restored image blended over the input by
+    its visibility; the infotext gets the visibility (and CodeFormer's weight), rounded to 3 places."""
+
+    def step(image, request, models, info):
+        visibility = getattr(request, visibility_key)
+        if visibility == 0:
+            return image
+        import numpy as np
+
+        weight = getattr(request, weight_key) if weight_key else 0.5
+        restored = Image.fromarray(models.faces.get(name).restore(np.asarray(image.convert("RGB")),
+                                                                   codeformer_weight=weight))
+        if visibility < 1:
+            restored = Image.blend(image.convert("RGB"), restored, visibility)
+        info[f"{name} visibility"] = round(visibility, 3)
+        if weight_key:
+            info[f"{name} weight"] = round(weight, 3)
+        return restored
+
+    step.__name__ = f"{name.lower()}_step"
+    return step
+
+
+# A1111's postprocessing order (its scripts' order: Upscale 1000, GFPGAN 2000, CodeFormer 3000)
+STEPS = (upscale_step, _restore_step("GFPGAN", "gfpgan_visibility"),
+         _restore_step("CodeFormer", "codeformer_visibility", "codeformer_weight"))
 
 
 def run_extras(image, request, models):
     """One image through the Extras steps -> ExtrasResult. The request is validated first (names, ranges,
     sizes), so a bad one fails before any model runs."""
-    request.validate(models.upscalers)
+    request.validate(models.upscalers, models.faces)
     image = image.convert("RGB")
     check_size(image.size, request, models.upscalers)
     info = {}

@@ -39,6 +39,7 @@ GENERATE = {
     "inpaint_full_res_padding": ("inpaint_full_res_padding",), "inpainting_mask_invert": ("inpainting_mask_invert",),
     # sd-webui-controlnet's units: {"controlnet": {"args": [unit, ...]}}; other scripts are reported ignored
     "alwayson_scripts": ("controlnet",),
+    "restore_faces": ("restore_faces",),
 }
 
 # A1111 request fields the server acts on itself
@@ -59,7 +60,6 @@ SERVER = {
 
 # A1111 request fields without an equivalent here, and why
 UNSUPPORTED = {
-    "restore_faces": "no face restoration models in sdonnx yet",
     "s_min_uncond": "negative guidance minimum sigma (NGMS) is not implemented",
     "hr_checkpoint_name": "the hires pass runs on the request's own model",
     "firstpass_image": "the hires fix always runs its own first pass",
@@ -77,7 +77,10 @@ OPTIONS = {
     "sdxl_crop_top": ("crop_top_left", 0), "sdxl_crop_left": ("crop_top_left", 0),
     "sdxl_refiner_high_aesthetic_score": ("aesthetic_score", 6.0),
     "sdxl_refiner_low_aesthetic_score": ("negative_aesthetic_score", 2.5),
+    "face_restoration_model": ("restore_faces", "CodeFormer"), "code_former_weight": ("codeformer_weight", 0.5),
+    "face_restoration": ("restore_faces", False),
 }
+FACE_RESTORERS = ("CodeFormer", "GFPGAN")
 
 # request fields (GenerationRequest) no A1111 request field or setting reaches, and why
 PYTHON_ONLY = {
@@ -114,16 +117,18 @@ class Translation:
     styles: list = field(default_factory=list)
 
 
-def translate(req, mode, options, styles, find_model):
+def translate(req, mode, options, styles, find_model, restorers=None):
     """A validated A1111 request model -> Translation; raises TranslationError for values A1111 refuses.
 
     options: the server's A1111 settings merged with the request's override_settings; styles: {name: (prompt,
-    negative prompt)} from styles.csv; find_model(name) -> model entry (raises ValueError when unknown)."""
+    negative prompt)} from styles.csv; find_model(name) -> model entry (raises ValueError when unknown);
+    restorers: the face restorers installed (None: not checked)."""
     t = Translation()
     _prompts(req, styles, t)
     _sampling(req, options, t)
     _seeds(req, options, t)
     _options(options, t)
+    _faces(req, options, t, restorers)
     if mode == "txt2img":
         _hires(req, t)
     else:
@@ -242,6 +247,13 @@ def check_option(name, value):
         raise TranslationError(422, f"randn_source {value!r} is not one of {', '.join(RNG_SOURCES)}")
     elif name == "tiling" and not isinstance(value, bool):
         raise TranslationError(422, f"tiling must be true or false, got {value!r}")
+    elif name == "face_restoration_model" and value not in FACE_RESTORERS:
+        raise TranslationError(422, f"face_restoration_model {value!r} is not one of {', '.join(FACE_RESTORERS)}")
+    elif name == "face_restoration" and not isinstance(value, bool):
+        raise TranslationError(422, f"face_restoration must be true or false, got {value!r}")
+    elif name == "code_former_weight" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                           or not 0 <= value <= 1):
+        raise TranslationError(422, f"code_former_weight must be a number from 0 to 1, got {value!r}")
     elif name == "emphasis" and value not in ("Original", "No norm", "None"):
         raise TranslationError(422, f"emphasis {value!r} is not one of Original, No norm, None")
     elif name in ("sigma_min", "sigma_max", "rho", "sdxl_refiner_high_aesthetic_score",
@@ -269,6 +281,23 @@ def _options(options, t):
         keyword, default = OPTIONS[name]
         if values[name] != default:
             t.kwargs[keyword] = float(values[name])
+
+
+def _faces(req, options, t, restorers):
+    """A1111's restore_faces (None: the face_restoration setting) with the face_restoration_model setting;
+    CodeFormer's code_former_weight. A restorer that is not installed leaves the images as they are, as
+    A1111 does, and the response says so (clients send restore_faces without knowing what is installed)."""
+    on = req.restore_faces if req.restore_faces is not None else check_option(
+        "face_restoration", options.get("face_restoration", False))
+    model = check_option("face_restoration_model", options.get("face_restoration_model", "CodeFormer"))
+    weight = check_option("code_former_weight", options.get("code_former_weight", 0.5))
+    if on and restorers is not None and model not in restorers:
+        t.ignored.append("restore_faces")
+        t.comments.append(f"Face restoration model {model} is not installed")
+    elif on:
+        t.kwargs["restore_faces"] = model
+    if weight != 0.5:
+        t.kwargs["codeformer_weight"] = float(weight)
 
 
 # ---------------------------------------------------------------------------- hires fix, img2img, refiner

@@ -62,6 +62,7 @@ class ServerState:
     worker: object
     outdir: Path | None = None
     upscalers: object = None  # postprocess.upscale.Upscalers: the Extras routes' and /upscalers' models
+    face_restorers: object = None  # postprocess.faces.FaceRestorers: /face-restorers, the Extras face steps
     options: dict = field(default_factory=lambda: {**{name: default for name, (_, default) in OPTIONS.items()},
                                                    "samples_format": "png", "live_previews_enable": True})
 
@@ -182,12 +183,21 @@ def build_router(state):
     async def hypernetworks():
         return state.store.hypernetworks()
 
-    for name in ("sd-vae", "face-restorers", "sd-modules"):
+    @router.get("/face-restorers")
+    async def face_restorers():
+        faces = state.face_restorers
+        return [{"name": name, "cmd_dir": str(faces.folders[name])} for name in faces.installed()] if faces else []
+
+    for name in ("sd-vae", "sd-modules"):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
     router.add_api_route("/scripts", _scripts, methods=["GET"])
     router.add_api_route("/script-info", _script_info, methods=["GET"])
     router.add_api_route("/cmd-flags", _no_flags, methods=["GET"])
     return router
+
+
+def _installed_restorers(state):
+    return state.face_restorers.installed() if state.face_restorers else []
 
 
 def ram_figures():
@@ -229,7 +239,8 @@ def plan_generation(state, req, mode):
     manifest = entry.manifest
     _check_counts(req)
     try:
-        t = translate(req, mode, {**state.options, **overrides}, state.store.styles(), state.store.find)
+        t = translate(req, mode, {**state.options, **overrides}, state.store.styles(), state.store.find,
+                      restorers=_installed_restorers(state))
     except TranslationError as e:
         raise ApiError(e.status, str(e)) from None
     t.ignored += [f"override_settings.{k}" for k in overrides if k not in state.options and k not in OPTIONS]
@@ -425,13 +436,14 @@ async def _extras(state, req, request):
     (base64 PNGs, A1111's postprocessing text)."""
     try:
         images = decode_images(req)
-        extras = plan_images(req, images, state.upscalers)
+        extras = plan_images(req, images, state.upscalers, state.face_restorers)
     except ValueError as e:
         raise ApiError(422, str(e)) from None
     if ignored(req):
         log.warning("extras: ignoring %s (not available here)", ", ".join(ignored(req)))
     try:
-        job = state.worker.submit(lambda job, pipeline_for: run_images(images, extras, state.upscalers), "extras")
+        job = state.worker.submit(lambda job, pipeline_for: run_images(images, extras, state.upscalers,
+                                                                              state.face_restorers), "extras")
     except QueueFull as e:
         raise ApiError(503, str(e), {"Retry-After": "10"}) from None
     return await _wait(job, request)
@@ -469,7 +481,8 @@ def _info(plan, req, outcome, job):
         "all_subseeds": [kw["subseed"] + i for i in range(len(seeds))] if "subseed" in kw else [-1] * len(seeds),
         "width": kw["width"], "height": kw["height"], "sampler_name": kw["sampler"],
         "scheduler": kw["scheduler"], "cfg_scale": kw["cfg_scale"], "steps": kw["steps"],
-        "batch_size": plan.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "batch_size": plan.batch_size, "restore_faces": bool(kw.get("restore_faces")),
+        "face_restoration_model": kw.get("restore_faces"),
         "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": kw.get("seed_resize_from_w", -1), "seed_resize_from_h": kw.get("seed_resize_from_h", -1),
         "denoising_strength": kw.get("strength", kw.get("hires_denoising")),

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, limits
 from ..image import check_writable
+from ..postprocess.faces import FaceRestorers, face_folders
 from ..postprocess.upscale import Upscalers, upscaler_folders
 from .api import ApiError, ServerState, build_router
 from .codec import BadImage
@@ -33,7 +34,7 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
                cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
-               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=()):
+               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=(), face_dirs=None):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
@@ -42,11 +43,16 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
     max_queue: generation requests waiting behind the running one before new ones are refused (503).
     upscaler_dirs: where hires fix and the Extras routes find upscaler models (default A1111's ESRGAN,
     RealESRGAN and SwinIR folders under each models folder given).
+    face_dirs: {"gfpgan_dir": ..., "codeformer_dir": ...} for restore_faces (default the GFPGAN and Codeformer
+    folders under the first models folder given).
     """
     if outdir:  # found now, not when the first request's images are lost
         check_writable(outdir)
     sources = [models] if isinstance(models, (str, Path)) else list(models)
     store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs, controlnet_dirs)
+    # restore_faces: A1111's GFPGAN and Codeformer folders under the first models folder unless given
+    faces = face_folders(**(face_dirs or {"gfpgan_dir": Path(sources[0]) / "GFPGAN",
+                                          "codeformer_dir": Path(sources[0]) / "Codeformer"}))
     upscaler_dirs = list(upscaler_dirs if upscaler_dirs is not None else
                          [d for s in sources for d in upscaler_folders(s)])
     provider_plan = None
@@ -70,10 +76,12 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
             return Pipeline.load(path, provider=provider, device_id=device_id, device=device, precision=precision,
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
                                  hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs,
-                                 controlnet_dir=store.controlnet_dirs)
+                                 controlnet_dir=store.controlnet_dirs,
+                                 face_dirs={"gfpgan_dir": faces["GFPGAN"], "codeformer_dir": faces["CodeFormer"]})
 
     state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None,
-                        upscalers=Upscalers(upscaler_dirs, provider_plan))
+                        upscalers=Upscalers(upscaler_dirs, provider_plan),
+                        face_restorers=FaceRestorers(faces, provider_plan))
 
     @asynccontextmanager
     async def lifespan(app):

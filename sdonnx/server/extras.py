@@ -1,5 +1,5 @@
-"""A1111's Extras routes: /extra-single-image, /extra-batch-images (upscale; face restoration joins through
-postprocess/extras.py) and the upscaler lists (/upscalers, /realesrgan-models).
+"""A1111's Extras routes: /extra-single-image, /extra-batch-images (upscale, then GFPGAN and CodeFormer: the steps
+of postprocess/extras.py) and the upscaler lists (/upscalers, /realesrgan-models).
 
 The request fields are the A1111 API's (ExtrasBaseRequest) and go to `ExtrasRequest` as they are; the work
 runs on the generation worker, one job at a time with generations. Response images carry the source's
@@ -64,7 +64,7 @@ def extras_request(req):
 
 
 def ignored(req):
-    """Fields set away from A1111's defaults that nothing here acts on (face restoration until it lands)."""
+    """Fields set away from A1111's defaults that nothing here acts on."""
     names = {f.name for f in fields(ExtrasRequest)} | {"image", "imageList", "show_extras_results"}
     defaults = ExtrasBase()
     return sorted(k for k, v in req.model_dump().items()
@@ -76,12 +76,12 @@ def html_info(text):
     return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
-def run_images(images, request, upscalers):
+def run_images(images, request, upscalers, faces=None):
     """Worker side: each EncodedImage through the Extras steps -> (base64 PNGs, the last infotext)."""
     encoded, text = [], ""
     for image in images:
         source = image.decode()
-        result = run_extras(source, request, ExtrasModels(upscalers))
+        result = run_extras(source, request, ExtrasModels(upscalers, faces))
         text = result.infotext
         # A1111's API writes the source's text chunks and its postprocessing text into the PNG
         texts = {k: v for k, v in source.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
@@ -89,10 +89,10 @@ def run_images(images, request, upscalers):
     return encoded, text
 
 
-def plan_images(req, images, upscalers):
+def plan_images(req, images, upscalers, faces=None):
     """Validate before the job queues: the request, every image's size; -> ExtrasRequest."""
     request = extras_request(req)
-    request.validate(upscalers)
+    request.validate(upscalers, faces)
     for image in images:
         check_size(image.size, request, upscalers)
     return request

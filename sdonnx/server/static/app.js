@@ -141,6 +141,11 @@ function payload() {
   for (const side of ["width", "height"]) {
     if (numberOrNull(side) !== null) body[side] = numberOrNull(side);
   }
+  if ($("restore_faces").value) { // A1111: the flag, the model and CodeFormer's weight are settings
+    body.restore_faces = true;
+    body.override_settings.face_restoration_model = $("restore_faces").value;
+    body.override_settings.code_former_weight = numberOrNull("code_former_weight") ?? 0.5;
+  }
   if ($("refiner_checkpoint").value) {
     body.refiner_checkpoint = $("refiner_checkpoint").value;
     body.refiner_switch_at = numberOrNull("refiner_switch_at");
@@ -297,6 +302,8 @@ function applyParameters(p) {
   if (p["Denoising strength"] !== undefined) $(hires ? "hr_denoising_strength" : "denoising_strength").value = p["Denoising strength"];
   $("hr_upscaler").value = p["Hires upscaler"] || "Latent";
   $("tiling").checked = p.Tiling === "True";
+  $("restore_faces").value = p["Face restoration"] || "";
+  $("code_former_weight").value = p["CodeFormer weight"] ?? 0.5;
   $("refiner_checkpoint").value = refinerTitle(p.Refiner);
   for (const [id, words] of Object.entries(CHOICES)) {
     const key = id === "inpainting_fill" ? "Masked content" : "Resize mode";
