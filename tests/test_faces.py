@@ -398,3 +398,16 @@ def test_cli_upscale_restores_faces(face_models, tmp_path):
     missing = CliRunner().invoke(main, ["upscale", str(tmp_path / "in.png"), "--restore-faces", "CodeFormer",
                                         "--codeformer-models-path", str(tmp_path / "none"), "-o", str(tmp_path / "o2")])
     assert missing.exit_code != 0 and "no converted CodeFormer model" in missing.output
+
+
+def test_page_offers_face_restoration():
+    """The web page's generate form and Extras tab send the A1111 fields and settings the API reads."""
+    static = Path(faces.__file__).parent.parent / "server" / "static"
+    page = (static / "index.html").read_text(encoding="utf-8")
+    for id_ in ("restore_faces", "code_former_weight", "extras_gfpgan_visibility", "extras_codeformer_visibility",
+                "extras_codeformer_weight"):
+        assert f'id="{id_}"' in page, id_
+    app = (static / "app.js").read_text(encoding="utf-8")
+    assert "body.restore_faces = true" in app and "face_restoration_model" in app and '"Face restoration"' in app
+    extras = (static / "extras.js").read_text(encoding="utf-8")
+    assert all(f"{key}: Number(" in extras for key in ("gfpgan_visibility", "codeformer_visibility", "codeformer_weight"))

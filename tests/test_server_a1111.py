@@ -114,7 +114,7 @@ def test_unsupported_fields_and_unknown_ones_are_reported():
                          my_ext=1)
     # restore_faces without the model installed: ignored and said, as A1111 leaves the image as it is
     t = translate(req, "txt2img", {}, {}, _find, restorers=["GFPGAN"])
-    assert t.ignored == ["alwayson_scripts.ADetailer", "restore_faces", "s_min_uncond", "my_ext"]
+    assert t.ignored == ["restore_faces", "alwayson_scripts.ADetailer", "s_min_uncond", "my_ext"]
     assert "Face restoration model CodeFormer is not installed" in t.comments
     req = Txt2ImgRequest(denoising_strength=0.3)  # txt2img uses it for the hires pass only
     assert translate(req, "txt2img", {}, {}, _find).ignored == ["denoising_strength"]

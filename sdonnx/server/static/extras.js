@@ -1,6 +1,6 @@
 // Extras tab: A1111's postprocessing on one image through /sdapi/v1/extra-single-image, with the API's own
 // field names (upscaler_1, upscaling_resize, ...). The upscaler lists come from /sdapi/v1/upscalers.
-// Face restoration adds its fields to `fields()`. Loaded after app.js.
+// Face restoration: GFPGAN and CodeFormer visibilities and CodeFormer's weight. Loaded after app.js.
 "use strict";
 
 const extrasPanel = (() => {
@@ -45,6 +45,9 @@ const extrasPanel = (() => {
       upscaler_1: el("extras_upscaler_1").value,
       upscaler_2: el("extras_upscaler_2").value,
       extras_upscaler_2_visibility: Number(el("extras_upscaler_2_visibility").value),
+      gfpgan_visibility: Number(el("extras_gfpgan_visibility").value),
+      codeformer_visibility: Number(el("extras_codeformer_visibility").value),
+      codeformer_weight: Number(el("extras_codeformer_weight").value),
     };
   }
 
