@@ -324,3 +324,36 @@ def test_inpaint_only_keeps_the_unmasked_area(setup):
     far[4:60, 4:60] = False  # beyond the mask grown by the restore's sigma (7) and its blur
     assert np.abs(out[far] - image[far]).max() <= 1
     assert np.abs(out[20:44, 20:44] - image[20:44, 20:44]).mean() > 10, "the masked area was not repainted"
+
+
+def test_sd15_block_layout_takes_13_residuals(tmp_path):
+    """SD 1.5's UNet layout (4 levels, 2 layers each; small channels): the rewrite finds the 12 skips and the middle
+    block, and adds a ControlNet's residuals where diffusers does. (SDXL's layout, 3 levels of 2, gave its 10 the
+    same way when this was written; the tiny SDXL above checks the added conditions.)"""
+    import onnx
+    import onnxruntime as ort
+
+    from converters.components import UNET, ComponentSpec, UNetExport
+    from converters.export import export_component
+    from sdonnx.controlnet.residuals import add_residual_inputs, residual_count
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=8,
+                                          cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16).eval()
+    controlnet = tiny_controlnet.make(unet, seed=2)
+    g = torch.Generator().manual_seed(1)
+    x, t, c = torch.randn(2, 4, 17, 19, generator=g), torch.tensor([500.0, 30.0]), torch.randn(2, 77, 64, generator=g)
+    path = export_component(ComponentSpec("unet", UNetExport(unet), UNET, (x, t, c), [], "model.", "unet"), tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    assert residual_count(model.graph) == 13
+    with torch.no_grad():
+        down, mid = controlnet(x, t, c, torch.rand(2, 3, 136, 152, generator=g), return_dict=False)
+        expected = unet(x, t, c, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    session = ort.InferenceSession(add_residual_inputs(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"sample": x.numpy(), "timestep": t.numpy(), "encoder_hidden_states": c.numpy(), "mid_block_res": mid.numpy(),
+             **{f"down_block_res_{i}": d.numpy() for i, d in enumerate(down)}}
+    out = session.run(None, feeds)[0]
+    assert np.abs(out - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))
