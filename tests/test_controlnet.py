@@ -357,3 +357,39 @@ def test_sd15_block_layout_takes_13_residuals(tmp_path):
              **{f"down_block_res_{i}": d.numpy() for i, d in enumerate(down)}}
     out = session.run(None, feeds)[0]
     assert np.abs(out - expected.numpy()).max() < 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def test_fp16_derived_unet_takes_residuals(setup, tmp_path):
+    """A model with a derived fp16 UNet (`--dtype fp16`: float32 inputs, float16 inside) runs ControlNet on that
+    graph, the residuals cast to float16, not on the fp32 base graph. Tolerance 1e-2 of the output's scale:
+    float16's 11-bit mantissa over the tiny UNet's depth."""
+    import json
+    import shutil
+
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from converters.export import save_with_external_data
+
+    base_pipe = setup[2]
+    folder = tmp_path / "model"
+    shutil.copytree(base_pipe.folder, folder)
+    fp16 = convert_float_to_float16(onnx.load(str(folder / "unet" / "model.onnx")), keep_io_types=True,
+                                    disable_shape_infer=True)
+    (folder / "unet" / "optimized").mkdir()
+    save_with_external_data(fp16, folder / "unet" / "optimized" / "model.onnx")
+    manifest = json.loads((folder / "sdonnx.json").read_text())
+    manifest["components"]["unet"].update(optimized_path="unet/optimized/model.onnx", optimized={"dtype": "fp16"})
+    (folder / "sdonnx.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.load(folder, provider="cpu")
+    derived, base = pipe._component("unet", residuals=True), base_pipe._component("unet", residuals=True)
+    assert "Cast" in {n.op_type for n in onnx.load_from_string(derived.session._source).graph.node
+                      if n.name.startswith("sdonnx_controlnet/")}
+    g = np.random.default_rng(3)
+    x, t, c = g.standard_normal((2, 4, 8, 8), np.float32), np.array([500.0, 20.0], np.float32), \
+        g.standard_normal((2, 77, 64), np.float32)
+    shapes = [(32, 8, 8), (32, 8, 8), (32, 4, 4), (32, 4, 4), (32, 2, 2), (64, 2, 2), (64, 2, 2)]
+    names = [f"down_block_res_{i}" for i in range(6)] + ["mid_block_res"]
+    residuals = {n: g.standard_normal((2, *s), np.float32) for n, s in zip(names, shapes)}
+    expected = base(x, t, c, residuals=residuals)
+    assert np.abs(derived(x, t, c, residuals=residuals) - expected).max() < 1e-2 * max(1.0, np.abs(expected).max())

@@ -36,10 +36,11 @@ def residual_count(graph):
     return len(skip_concats(graph)) + 1
 
 
-def add_residual_inputs(model):
+def add_residual_inputs(model, float16=False):
     """A copy of the UNet `model` (a ModelProto, loaded without external data) that takes the ControlNet residuals
-    down_block_res_0 .. down_block_res_{N-1} and mid_block_res as inputs. ControlNetError when the graph does not
-    have the expected skip connections."""
+    down_block_res_0 .. down_block_res_{N-1} and mid_block_res as float32 inputs (float16: the graph computes in
+    float16, as a `--dtype fp16` graph does inside its float32 inputs and outputs; the residuals are cast to it).
+    ControlNetError when the graph does not have the expected skip connections."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -50,8 +51,8 @@ def add_residual_inputs(model):
     _check_layout(graph, concats)
     skips = len(concats)
     for k, node in enumerate(concats):
-        node.input[1] = _add(graph, node, 1, down_residual(skips - 1 - k))
-    concats[0].input[0] = _add(graph, concats[0], 0, MID_RESIDUAL)
+        node.input[1] = _add(graph, node, 1, down_residual(skips - 1 - k), float16)
+    concats[0].input[0] = _add(graph, concats[0], 0, MID_RESIDUAL, float16)
     for name in [down_residual(i) for i in range(skips)] + [MID_RESIDUAL]:
         # rank 4, every dimension free: a residual broadcasts onto its skip connection
         graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * 4))
@@ -59,12 +60,16 @@ def add_residual_inputs(model):
     return result
 
 
-def _add(graph, concat, index, residual):
-    """An Add node placed in the graph (sorted later) that adds `residual` to the concat's input `index`."""
-    from onnx import helper
+def _add(graph, concat, index, residual, float16):
+    """An Add node (and a Cast for float16 graphs) placed in the graph (sorted later) that adds `residual` to the
+    concat's input `index`."""
+    from onnx import TensorProto, helper
 
-    out = f"sdonnx_controlnet/{residual}_added"
-    graph.node.append(helper.make_node("Add", [concat.input[index], residual], [out], name=out))
+    out, source = f"sdonnx_controlnet/{residual}_added", residual
+    if float16:
+        source = f"sdonnx_controlnet/{residual}_fp16"
+        graph.node.append(helper.make_node("Cast", [residual], [source], name=source, to=TensorProto.FLOAT16))
+    graph.node.append(helper.make_node("Add", [concat.input[index], source], [out], name=out))
     return out
 
 
@@ -84,28 +89,43 @@ def _check_layout(graph, concats):
 
 
 def _sort_topologically(graph):
-    """Put the appended Add nodes right before their first consumer (ONNX wants nodes in topological order)."""
+    """Put the appended nodes right before their first consumer (ONNX wants nodes in topological order): an Add
+    before its Concat, a Cast before its Add."""
     added = {n.output[0]: n for n in graph.node if n.name.startswith("sdonnx_controlnet/")}
     ordered = []
+
+    def place(name):
+        node = added.pop(name, None)
+        if node is not None:
+            for i in node.input:
+                place(i)
+            ordered.append(node)
+
     for node in graph.node:
         if node.name.startswith("sdonnx_controlnet/"):
             continue
-        ordered.extend(added.pop(i) for i in node.input if i in added)
+        for i in node.input:
+            place(i)
         ordered.append(node)
-    ordered.extend(added.values())
     del graph.node[:]
     graph.node.extend(ordered)
 
 
-def unet_graph(folder, manifest, tiling=None):
-    """(model bytes, session config) of the model's UNet base graph with residual inputs (and wrap padding for
-    `tiling`), for runtime.session.Session(graph=...): the weights stay in the base graph's data file."""
+def unet_graph(folder, manifest, tiling=None, plan=None):
+    """(model bytes, session config) of the model's UNet with residual inputs (and wrap padding for `tiling`), for
+    runtime.session.Session(graph=...): the weights stay in the graph's own data file. plan: the derived graph
+    (optimized, fp16, int8) where the model has one the plan's first provider runs (no tiling, no LoRA: those
+    name the base graph's weights and convolutions); else the fp32 base graph."""
     import onnx
 
+    from ..runtime.components import derived_runs_on
     from ..runtime.tiling import WEIGHTS_FOLDER_KEY, wrap_padding
 
-    path = (Path(folder) / manifest.components["unet"].path).resolve()
-    model = add_residual_inputs(onnx.load(str(path), load_external_data=False))
+    spec = manifest.components["unet"]
+    derived = bool(plan is not None and not tiling and spec.optimized_path and derived_runs_on(spec, plan))
+    path = (Path(folder) / (spec.optimized_path if derived else spec.path)).resolve()
+    model = add_residual_inputs(onnx.load(str(path), load_external_data=False),
+                                float16=derived and spec.optimized_dtype == "fp16")
     if tiling:
         model = wrap_padding(model, tiling)
     _check_bytes_loading(ControlNetError)
