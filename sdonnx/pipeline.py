@@ -175,7 +175,7 @@ class Pipeline:
                 options["graph"] = self._hypernetworks.graph(chain, tiling, residuals=residuals)
             elif residuals:  # without LoRAs the model's derived (optimized, fp16) graph, where it has one
                 options["graph"] = unet_graph(self.folder, self.manifest, tiling,
-                                              None if base or lora_key is not None else self.plan)
+                                              None if base or lora_key is not None else self.plan, self.precision)
             # one LoRA / hypernetwork / ControlNet variant per component is kept beside the base: drop the others
             for old in [k for k in self._components if k[0] == name and k != key
                         and (k[1] is not None or k[3] is not None or "residuals" in k)]:

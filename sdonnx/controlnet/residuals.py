@@ -111,21 +111,25 @@ def _sort_topologically(graph):
     graph.node.extend(ordered)
 
 
-def unet_graph(folder, manifest, tiling=None, plan=None):
+def unet_graph(folder, manifest, tiling=None, plan=None, precision=None):
     """(model bytes, session config) of the model's UNet with residual inputs (and wrap padding for `tiling`), for
-    runtime.session.Session(graph=...): the weights stay in the graph's own data file. plan: the derived graph
-    (optimized, fp16, int8) where the model has one the plan's first provider runs (no tiling, no LoRA: those
-    name the base graph's weights and convolutions); else the fp32 base graph."""
+    runtime.session.Session(graph=...): the weights stay in the graph's own data file. plan: the graph the
+    pipeline's precision (runtime.precision.Precision) picks, the derived (optimized, fp16) one or a variant (int8),
+    where the plan's first provider runs it; None, or with tiling (LoRAs pass None: they name the base graph's
+    weights, tiling its convolutions): the fp32 base graph."""
     import onnx
 
     from ..runtime.components import derived_runs_on
+    from ..runtime.precision import Precision
     from ..runtime.tiling import WEIGHTS_FOLDER_KEY, wrap_padding
 
     spec = manifest.components["unet"]
-    derived = bool(plan is not None and not tiling and spec.optimized_path and derived_runs_on(spec, plan))
-    path = (Path(folder) / (spec.optimized_path if derived else spec.path)).resolve()
+    which = "base" if plan is None or tiling else (precision or Precision()).graph(spec, "unet")
+    if which == "derived" and not derived_runs_on(spec, plan):
+        which = "base"
+    path = (Path(folder) / {"base": spec.path, "derived": spec.optimized_path}.get(which, which)).resolve()
     model = add_residual_inputs(onnx.load(str(path), load_external_data=False),
-                                float16=derived and spec.optimized_dtype == "fp16")
+                                float16=which == "derived" and spec.optimized_dtype == "fp16")
     if tiling:
         model = wrap_padding(model, tiling)
     _check_bytes_loading(ControlNetError)
