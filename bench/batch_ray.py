@@ -13,6 +13,11 @@ driver's write). Ray starts once (ray.init, not counted; printed apart). CPU wor
 the CPUs as ONNX Runtime threads (sdonnx/jobs_ray.py), the local loop one thread per physical core. The
 engines take turns for --repeats rounds and the medians are reported.
 
+A probe then times what surrounds a generate call that costs nothing (a stand-in pipeline returns a finished
+512x512 image of noise): per image, the local loop's own cost (the request check and the PNG write: what the
+driver spends on every image of a cluster run) and what one Ray worker adds to it (dispatch, pickling, the
+object store).
+
 The 1-minute load average before and after is printed and saved: on a shared machine compare the ratios of
 one run only. Results: bench/results/batch_ray-<date>.json.
 """
@@ -57,6 +62,40 @@ def timed(jobs, outdir, **options):
     return wall, steady
 
 
+class _Made:
+    """A generate result of the probe below (images, infotexts)."""
+
+    def __init__(self, image):
+        self.images, self.infotexts = [image], [""]
+
+
+class ReadyImage:
+    """A stand-in pipeline for the overhead probe: generate returns a finished 512x512 image of noise (PNG's
+    worst case) at once, so what is timed is what surrounds a generate call: dispatch, transfer, the write."""
+
+    def __init__(self, model):
+        import numpy as np
+        from PIL import Image
+
+        self.image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+
+    def generate(self, request):
+        return _Made(self.image)
+
+
+def probe(model, outdir, count, **options):
+    """Seconds per image around a generate call that costs nothing."""
+    import logging
+
+    jobs = jobs_for(model, count, 64, 1)
+    logging.getLogger("sdonnx.jobs").setLevel(logging.ERROR)  # the stand-in writes no infotext: no warning each
+    run_jobs(jobs[:2], outdir, resume=False, load=ReadyImage, **options)  # actor start, first calls
+    start = time.perf_counter()
+    run_jobs(jobs, outdir, resume=False, load=ReadyImage, **options)
+    logging.getLogger("sdonnx.jobs").setLevel(logging.NOTSET)
+    return (time.perf_counter() - start) / count
+
+
 def files(folder):
     return {p.name: p.read_bytes() for p in Path(folder).glob("*.png")}
 
@@ -68,6 +107,7 @@ def main():
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--probe", type=int, default=60, help="jobs of the overhead probe (512x512, no model run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     import ray
@@ -87,13 +127,15 @@ def main():
             for n, (name, options) in enumerate(engines.items()):
                 runs[name].append(timed(jobs, tmp / str(n), **options))
                 assert files(tmp / str(n)) == files(tmp / "0"), "Ray's files differ from the local loop's"
+        probes = {"local loop": probe(model, tmp / "p0", args.probe),
+                  "ray, 1 worker": probe(model, tmp / "p1", args.probe, ray="", workers=1)}
         ray.shutdown()
     load_after = os.getloadavg()[0]
     rows = {name: (statistics.median(w for w, _ in r), statistics.median(s for _, s in r)) for name, r in runs.items()}
-    report(args, rows, ray_start, load_before, load_after)
+    report(args, rows, probes, ray_start, load_before, load_after)
 
 
-def report(args, rows, ray_start, load_before, load_after):
+def report(args, rows, probes, ray_start, load_before, load_after):
     local_steady = rows["local loop"][1]
     print(f"{args.images} images {args.size}x{args.size}, {args.steps} steps, model {args.model or 'tiny SD 1.x'}, "
           f"medians of {args.repeats} alternating rounds; "
@@ -103,11 +145,15 @@ def report(args, rows, ray_start, load_before, load_after):
         print(f"{name:20} {wall:8.1f} {args.images / wall * 60:15.1f} {steady:17.1f} {steady / local_steady:8.2f}x")
     overhead = 60 / rows["ray, 1 worker"][1] - 60 / local_steady
     print(f"Ray's overhead per image (1 worker, steady): {overhead * 1000:.0f} ms")
+    print(f"probe, a 512x512 image made at no cost, {args.probe} jobs: the local loop {probes['local loop'] * 1000:.0f} ms "
+          f"per image (request check + PNG write), on 1 Ray worker {probes['ray, 1 worker'] * 1000:.0f} ms: Ray adds "
+          f"{(probes['ray, 1 worker'] - probes['local loop']) * 1000:.0f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"images": args.images, "size": args.size, "steps": args.steps, "model": str(args.model or "tiny"),
               "repeats": args.repeats,
               "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
               "ray_init_s": ray_start, "overhead_per_image_s": overhead,
+              "probe_s_per_image": probes, "probe_jobs": args.probe,
               "runs": {name: {"wall_s": wall, "steady_images_per_min": steady} for name, (wall, steady) in rows.items()}}
     path = args.out / f"batch_ray-{time.strftime('%Y-%m-%d-%H%M')}.json"
     path.write_text(json.dumps(result, indent=2))
