@@ -357,9 +357,13 @@ def png_info(file, as_json):
 @main.command()
 @click.argument("model", type=click.Path())
 def info(model):
-    """Show what a converted model's manifest says."""
+    """Show what a converted model's (or ControlNet's) manifest says."""
+    from .cli_controlnet import info as controlnet_info
+    from .controlnet.model import is_controlnet_folder
     from .manifest import load_manifest
 
+    if is_controlnet_folder(model):
+        return controlnet_info(model)
     try:
         m = load_manifest(model)
     except _user_errors() as e:

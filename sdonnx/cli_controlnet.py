@@ -137,3 +137,21 @@ def unit_args(units):
                 continue
             args += [flag] if field == "pixel_perfect" else [flag, str(value)]
     return args
+
+
+def info(folder):
+    """`sdonnx info` of a converted ControlNet folder."""
+    from .cli import _fail, _user_errors
+    from .controlnet.model import load_controlnet_manifest
+
+    try:
+        m = load_controlnet_manifest(folder)
+    except _user_errors() as e:
+        _fail(e)
+    click.echo(f"ControlNet:      {m.title}")
+    click.echo(f"family:          {m.family} (context {m.context_dim} wide, {m.latent_channels} latent channels)")
+    click.echo(f"residuals:       {m.residuals} ({m.residuals - 1} skip connections + the middle block)")
+    click.echo(f"control image:   {m.conditioning_channels} channels"
+               f"{', globally pooled (shuffle)' if m.global_average_pooling else ''}")
+    click.echo(f"graph:           {m.graph.path} parity max abs err {m.graph.parity_max_abs_err:.3g}")
+    click.echo(f"converted with:  {', '.join(f'{k} {v}' for k, v in m.converter.items() if v)}")

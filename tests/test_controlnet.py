@@ -393,3 +393,28 @@ def test_fp16_derived_unet_takes_residuals(setup, tmp_path):
     residuals = {n: g.standard_normal((2, *s), np.float32) for n, s in zip(names, shapes)}
     expected = base(x, t, c, residuals=residuals)
     assert np.abs(derived(x, t, c, residuals=residuals) - expected).max() < 1e-2 * max(1.0, np.abs(expected).max())
+
+
+def test_img2img_unit_takes_the_init_image_and_tiles(setup):
+    """img2img: a unit without an image uses the init image (the same image as naming it); with seamless tiling the
+    rewritten UNet is wrapped too and the unit still steers it."""
+    from PIL import Image
+
+    pipe = setup[2]
+    init = Image.fromarray(_hint(6))
+    common = dict(init_image=init, strength=0.7, steps=4, sampler="Euler", seed=2, tiling="xy")
+    implicit = pipe.generate(PROMPT, controlnet=[dict(model="control_v11p_sd15_tiny")], **common).images[0]
+    explicit = pipe.generate(PROMPT, controlnet=[dict(model="control_v11p_sd15_tiny", image=init)], **common).images[0]
+    plain = pipe.generate(PROMPT, **common).images[0]
+    assert np.array_equal(np.asarray(implicit), np.asarray(explicit))
+    assert np.abs(np.asarray(implicit, np.int16) - np.asarray(plain, np.int16)).mean() > 1
+
+
+def test_info_shows_a_controlnet(setup):
+    from click.testing import CliRunner
+
+    from sdonnx.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(setup[3])])
+    assert result.exit_code == 0, result.output
+    assert "ControlNet:      control_v11p_sd15_tiny [" in result.output and "residuals:       7 (6 skip" in result.output
