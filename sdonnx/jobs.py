@@ -298,7 +298,7 @@ PROMPT_KEYS = {
     "cfg_scale": ("cfg_scale", float),
     "width": ("width", int),
     "height": ("height", int),
-    "restore_faces": (None, _boolean),
+    "restore_faces": ("restore_faces", _boolean),
     "tiling": ("tiling", _boolean),
     "do_not_save_samples": (None, _boolean),
     "do_not_save_grid": (None, _boolean),
@@ -306,10 +306,9 @@ PROMPT_KEYS = {
 REFUSED = {
     "outpath_samples": "every image goes to the batch's output folder (-o)",
     "styles": "styles are not read by sdonnx batch; write the style's text into the prompt",
-    "restore_faces": "sdonnx has no face restoration models yet",
     "do_not_save_samples": "a batch exists to save its images",
 }
-_REFUSED_UNLESS = {"restore_faces": False, "do_not_save_samples": False}  # the values that change nothing
+_REFUSED_UNLESS = {"do_not_save_samples": False}  # the values that change nothing
 
 
 @dataclass(frozen=True)
@@ -398,6 +397,8 @@ def _option(key, value):
         resolve(converted)  # an unknown name is refused on its line; A1111 falls back to its default sampler
     if name == "tiling":
         converted = "xy" if converted else None
+    if name == "restore_faces":  # A1111: the face_restoration_model setting, CodeFormer by default
+        converted = "CodeFormer" if converted else None
     if name is None:
         log.info("--%s is read and changes nothing sdonnx writes", key)
         return {}

@@ -56,7 +56,8 @@ def load():
     ('--prompt x --sampler_name "DPM++ 2M Karras" --tiling true',
      [(1, {"prompt": "x", "sampler": "DPM++ 2M Karras", "tiling": "xy"})]),
     ('--prompt x --tiling False --restore_faces false --do_not_save_grid true --sampler_index 3',
-     [(1, {"prompt": "x", "tiling": None})]),  # keys A1111 takes that change nothing sdonnx writes
+     [(1, {"prompt": "x", "tiling": None, "restore_faces": None})]),  # keys A1111 takes that change nothing
+    ('--prompt x --restore_faces true', [(1, {"prompt": "x", "restore_faces": "CodeFormer"})]),  # A1111's default model
     ('--prompt x --prompt_for_display shown --outpath_grids g --do_not_save_samples false',
      [(1, {"prompt": "x"})]),
     ('--prompt x --sd_model other', [(1, {"prompt": "x", "model": "other"})]),
@@ -78,7 +79,6 @@ def test_prompts_file_lines(text, expected):
     ('--prompt "a cat', "line 1: No closing quotation"),
     ("--prompt x stray --seed 1 words", "line 1: 'words' must start with --"),
     ("--prompt x --sampler_name Eulerish", "unknown sampler 'Eulerish'; valid choices: DPM++ 2M"),
-    ("--prompt x --restore_faces true", "line 1: --restore_faces: sdonnx has no face restoration"),
     ("--prompt x --styles mine", "line 1: --styles: styles are not read"),
     ("--prompt x --outpath_samples /tmp/x", "line 1: --outpath_samples: every image goes to"),
     ("--prompt x --do_not_save_samples true", "line 1: --do_not_save_samples"),
