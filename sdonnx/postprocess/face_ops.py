@@ -3,7 +3,8 @@
 facexlib does these with OpenCV; sdonnx needs no OpenCV, so each is written here to give OpenCV's
 numbers: bilinear warps sample at OpenCV's 1/32-pixel positions with its integer rounding for 8-bit
 images, the Gaussian blur uses OpenCV's kernel and reflect-101 border, the Lanczos resize OpenCV's
-8-tap kernel with its 11-bit fixed-point weights. tests/test_faces.py compares each with OpenCV.
+8-tap kernel with its 11-bit fixed-point weights. tests/test_faces.py compares each with the OpenCV installed;
+bench/face_ops_opencv.py measured them identical to OpenCV 4.10's (OpenCV 5 computes 8-bit warps in float32).
 """
 import math
 
@@ -30,10 +31,10 @@ def invert_affine(matrix):
     return np.concatenate([linear, -linear @ matrix[:, 2:]], axis=1)
 
 
-def _sample_positions(inverse, width, height):
-    """Source positions of every output pixel in 1/32 pixel, as OpenCV's warpAffine computes them."""
+def _sample_positions(inverse, xs, ys):
+    """Source positions of the output pixels xs x ys in 1/32 pixel, as OpenCV's warpAffine computes them
+    (from the absolute output coordinates, so a window gives the same numbers as the whole image)."""
     scale = 1 << _AB_BITS
-    xs, ys = np.arange(width), np.arange(height)
     round_delta = scale // (1 << _INTER_BITS) // 2
     shift = _AB_BITS - _INTER_BITS
 
@@ -45,15 +46,18 @@ def _sample_positions(inverse, width, height):
     return axis(0), axis(1)
 
 
-def warp_affine(image, matrix, size, border=0.0):
+def warp_affine(image, matrix, size, border=0.0, window=None):
     """OpenCV's warpAffine(image, matrix, size) with bilinear sampling and a constant border.
 
     image: [H, W] or [H, W, C], uint8 (results rounded as OpenCV rounds) or float; matrix maps source to
-    output pixels; size: (width, height) of the output; border: value or per-channel values."""
+    output pixels; size: (width, height) of the output; border: value or per-channel values; window:
+    (x0, y0, x1, y1), only that part of the output (the rest would be border)."""
     width, height = size
-    sx, sy = _sample_positions(invert_affine(np.asarray(matrix, np.float64)), width, height)
+    x0, y0, x1, y1 = window or (0, 0, width, height)
+    sx, sy = _sample_positions(invert_affine(np.asarray(matrix, np.float64)), np.arange(x0, x1), np.arange(y0, y1))
     x0, y0 = sx >> _INTER_BITS, sy >> _INTER_BITS
     fx, fy = (sx & 31) / 32.0, (sy & 31) / 32.0
+    height, width = sx.shape
     src = image.astype(np.float64)
     extra = src.shape[2:]
     fill = np.broadcast_to(np.asarray(border, np.float64), extra) if extra else float(border)
@@ -70,6 +74,16 @@ def warp_affine(image, matrix, size, border=0.0):
     if image.dtype == np.uint8:  # exact 1/1024 weights: OpenCV's 15-bit fixed point, rounded half up
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
     return out.astype(image.dtype)
+
+
+def footprint(matrix, size, bounds):
+    """(x0, y0, x1, y1): the output pixels a [size, size] source can reach through `matrix`, one pixel of
+    bilinear reach added, clipped to bounds (width, height)."""
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) @ np.asarray(matrix).T
+    low, high = np.floor(corners.min(0)) - 2, np.ceil(corners.max(0)) + 2
+    x0, y0 = (int(max(0, v)) for v in low)
+    x1, y1 = int(min(bounds[0], max(high[0], 0))), int(min(bounds[1], max(high[1], 0)))
+    return x0, y0, max(x0, x1), max(y0, y1)
 
 
 def gaussian_kernel(ksize, sigma):

@@ -21,7 +21,7 @@ import numpy as np
 from ..manifest import MANIFEST_NAME
 from . import retinaface
 from .models import NotConverted, scan
-from .face_ops import gaussian_blur, invert_affine, similarity_transform, warp_affine
+from .face_ops import footprint, gaussian_blur, invert_affine, similarity_transform, warp_affine
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,13 @@ def paste(canvas, face, matrix, mask):
     `matrix`, weighted by `mask` [S, S] warped the same way; returns the new canvas."""
     h, w = canvas.shape[:2]
     inverse = invert_affine(matrix)
-    back = warp_affine(face, inverse, (w, h)).astype(np.float64)
-    soft = warp_affine(mask, inverse, (w, h))[..., None]
-    return soft * back + (1 - soft) * canvas
+    # only where the face can land: elsewhere the warped face and mask are 0 and the canvas stays as it is
+    x0, y0, x1, y1 = window = footprint(inverse, face.shape[0], (w, h))
+    back = warp_affine(face, inverse, (w, h), window=window).astype(np.float64)
+    soft = warp_affine(mask, inverse, (w, h), window=window)[..., None]
+    canvas = canvas.copy()
+    canvas[y0:y1, x0:x1] = soft * back + (1 - soft) * canvas[y0:y1, x0:x1]
+    return canvas
 
 
 def restore_faces(image, restore, parse, faces, size=512):
