@@ -13,6 +13,14 @@ from .cli import _fail, _given, _request_options, _user_errors
 @click.option("-m", "--model", required=True, type=click.Path(), help="Converted model folder; a line's "
               "--sd_model NAME names a model folder beside it.")
 @click.option("-o", "--outdir", default="outputs/batch", show_default=True, type=click.Path(file_okay=False))
+@click.option("-p", "--prompt", default="", help="A1111's prompt box: joined with each line's prompt (and -n with "
+              "each line's negative prompt), by a space.")
+@click.option("--prompt-position", type=click.Choice(["start", "end"]), default="start", show_default=True,
+              help="Where a line's prompt goes: before or after --prompt.")
+@click.option("--iterate-seed", is_flag=True, help="A1111's \"Iterate seed every line\": the seed counts up by "
+              "batch size x batch count per line (give --seed for a resumable run).")
+@click.option("--same-seed", is_flag=True, help="A1111's \"Use same random seed for all lines\" (give --seed "
+              "for a resumable run).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip the jobs whose images are already in OUTDIR with the same settings.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -28,8 +36,8 @@ from .cli import _fail, _given, _request_options, _user_errors
 @click.option("--hypernetwork-dir", type=click.Path(file_okay=False),
               help="Folder of <hypernet:name:w> .pt files [default: models/hypernetworks].")
 @_request_options
-def batch(file, model, outdir, resume, ray_address, workers, provider, device_id, device, lora_dir, embeddings_dir,
-          hypernetwork_dir, **fields):
+def batch(file, model, prompt, prompt_position, iterate_seed, same_seed, outdir, resume, ray_address, workers, provider,
+          device_id, device, lora_dir, embeddings_dir, hypernetwork_dir, **fields):
     """One image job per line of FILE ("-": standard input), A1111's "Prompts from file or textbox": a
     prompt per line, or options per line (--prompt "a cat" --negative_prompt "..." --steps 30 --seed 5
     --sampler_name "DPM++ 2M" --cfg_scale 7 --width 512 --height 768 --n_iter 2 --sd_model NAME ...).
@@ -38,12 +46,15 @@ def batch(file, model, outdir, resume, ray_address, workers, provider, device_id
     job's number; NNNNN-K.png when a line makes several) with A1111 infotext; a second run skips what is
     done, so an interrupted batch resumes where it stopped."""
     from .jobs import run_jobs
+    from .request import GenerationRequest
 
     try:
         ray_address = _ray_or_here(ray_address)
         if ray_address is not None and device_id:
             raise ValueError(f"--device-id {device_id} with --ray: Ray gives each worker its own GPU as device 0")
-        jobs = _jobs(_read(file), model, _given(fields))
+        base = GenerationRequest.from_kwargs(**{**_given(fields), "prompt": prompt})
+        jobs = _jobs(_read(file), model, base, position=prompt_position, iterate_seed=iterate_seed,
+                     same_seed=same_seed)
         load = functools.partial(_load, provider=provider, device_id=device_id, device=device,
                                  **_absolute(lora_dir=lora_dir, embeddings_dir=embeddings_dir,
                                              hypernetwork_dir=hypernetwork_dir))
@@ -85,20 +96,15 @@ def _read(file):
         raise ValueError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _jobs(text, model, defaults):
-    """The jobs of a prompts file: each line's settings over the command line's."""
-    from .jobs import Job, parse_prompts_file
-    from .request import GenerationRequest
+def _jobs(text, model, base, **options):
+    """The jobs of a prompts file: each line's settings over the command line's (jobs.line_requests)."""
+    from .jobs import Job, line_requests, parse_prompts_file
 
     lines = parse_prompts_file(text)
     if not lines:
         raise ValueError("the prompts file holds no prompt")
-    jobs = []
-    for n, line in enumerate(lines):
-        settings = {**defaults, **line.settings}
-        folder = _model_folder(settings.pop("model", None), model, line.number)
-        jobs.append(Job(GenerationRequest.from_kwargs(**settings), folder, f"{n:05}", {"line": line.number}))
-    return jobs
+    return [Job(request, _model_folder(name, model, line.number), f"{n:05}", {"line": line.number})
+            for n, (line, (request, name)) in enumerate(zip(lines, line_requests(lines, base, **options)))]
 
 
 def _model_folder(name, model, number):

@@ -342,6 +342,36 @@ def parse_prompts_file(text):
     return lines
 
 
+def line_requests(lines, base, *, position="start", iterate_seed=False, same_seed=False):
+    """A1111's run of a prompts file over the request of its page: [(request, model name or None)] per line.
+
+    A line's prompt and negative prompt go before (position "start") or after ("end") the base request's,
+    joined by a space; its other keys replace the base's. Seeds: a line without --seed takes the base seed, so
+    -1 draws a new random seed per line; iterate_seed ("Iterate seed every line") counts the base seed up by
+    the base's batch_size x batch_count per line, same_seed ("Use same random seed for all lines") keeps one;
+    with either, a base seed of -1 is drawn once first."""
+    from .request import random_seed
+
+    if position not in ("start", "end"):
+        raise ValueError(f"prompt position {position!r}: choose start or end")
+    seed = base.seeds.seed
+    if (iterate_seed or same_seed) and seed == -1:
+        seed = random_seed()
+    out = []
+    for line in lines:
+        settings = dict(line.settings)
+        model = settings.pop("model", None)
+        for key in ("prompt", "negative_prompt"):
+            own = getattr(base.prompt, key)
+            if settings.get(key) and own:
+                settings[key] = f"{settings[key]} {own}" if position == "start" else f"{own} {settings[key]}"
+        settings.setdefault("seed", seed)
+        out.append((base.replace(**settings), model))
+        if iterate_seed:
+            seed += base.prompt.batch_size * base.prompt.batch_count
+    return out
+
+
 def _plain_prompt(line):
     # A1111 reads such a line as a prompt after its option parse fails; an option in the middle is far more
     # likely a misplaced option than prompt text, so say so rather than paint it

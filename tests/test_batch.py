@@ -11,7 +11,7 @@ from PIL import Image
 from sdonnx import GenerationRequest
 from sdonnx.cli import main
 from sdonnx.infotext import parse_infotext
-from sdonnx.jobs import Job, parse_prompts_file, run_jobs
+from sdonnx.jobs import Job, line_requests, parse_prompts_file, run_jobs
 from sdonnx.manifest import load_manifest
 from sdonnx.pipeline import Pipeline
 
@@ -88,6 +88,31 @@ def test_bad_lines_are_refused_naming_the_line(text, message):
     with pytest.raises(ValueError) as e:
         parse_prompts_file(text)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def _lines(base, text, **options):
+    return [(r.prompt.prompt, r.prompt.negative_prompt, r.seeds.seed, r.sampling.steps, model)
+            for r, model in line_requests(parse_prompts_file(text), base, **options)]
+
+
+def test_lines_over_the_base_request_as_a1111_runs_them():
+    base = GenerationRequest.from_kwargs(prompt="masterpiece", negative_prompt="blurry", seed=10, steps=5,
+                                         batch_size=2, batch_count=3)
+    text = 'a cat\n--prompt "a dog" --negative_prompt lowres --seed 3\n--steps 9 --sd_model other\n'
+    assert _lines(base, text) == [("a cat masterpiece", "blurry", 10, 5, None),
+                                  ("a dog masterpiece", "lowres blurry", 3, 5, None),
+                                  ("masterpiece", "blurry", 10, 9, "other")]
+    # "end"; "Iterate seed every line": + the base's batch_size x batch_count per line, a line's own seed kept
+    assert _lines(base, text, position="end", iterate_seed=True) == [
+        ("masterpiece a cat", "blurry", 10, 5, None), ("masterpiece a dog", "blurry lowres", 3, 5, None),
+        ("masterpiece", "blurry", 22, 9, "other")]
+    random_base = base.replace(seed=-1, prompt="")
+    assert [seed for _, _, seed, _, _ in _lines(random_base, "a\nb\n")] == [-1, -1]  # a new seed per line
+    same = [seed for _, _, seed, _, _ in _lines(random_base, "a\nb\n", same_seed=True)]
+    iterated = [seed for _, _, seed, _, _ in _lines(random_base, "a\nb\n", iterate_seed=True)]
+    assert same[0] == same[1] != -1 and iterated[1] == iterated[0] + 6 and iterated[0] != -1
+    with pytest.raises(ValueError, match="prompt position 'middle': choose start or end"):
+        line_requests([], base, position="middle")
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -202,6 +227,15 @@ def test_batch_command_writes_each_line_and_resumes(model, tmp_path, monkeypatch
     code, stdout, stderr = run("batch", prompts, "-m", model, "-o", out, "--steps", 2, "--seed", 5, "-W", 64,
                                "-H", 64, "--cfg-scale", 4)
     assert code == 0 and stdout == "" and "0 run, 2 already done" in stderr
+    # A1111's prompt box, prompt position and "Iterate seed every line" from the command line
+    code, stdout, stderr = run("batch", prompts, "-m", model, "-o", tmp_path / "more", "--steps", 1, "-W", 64,
+                               "-H", 64, "-p", "masterpiece", "--prompt-position", "end", "--iterate-seed",
+                               "--seed", 20)
+    assert code == 0, stderr
+    first, second = (parse_infotext(Image.open(tmp_path / "more" / n).info["parameters"])
+                     for n in ("00000.png", "00001-0.png"))
+    assert (first["Prompt"], first["Seed"]) == ("masterpiece a red circle", "20")
+    assert (second["Prompt"], second["Seed"]) == ("masterpiece a blue square", "9")  # its own seed
     # a cluster address without Ray is an error, not a quiet local run
     code, _, stderr = run("batch", prompts, "-m", model, "-o", out, "--ray", "ray://head:10001")
     assert code == 2 and "pip install 'sdonnx[ray]'" in stderr
