@@ -133,7 +133,8 @@ class Worker:
         """settings: the request's keywords (`GenerationRequest.to_kwargs()`, which pickles where a request
         does not) -> (images, infotexts, where)."""
         if model != self.model:
-            self.pipe = None  # the previous model's sessions go before the next model's load
+            # the previous model's sessions go before the next model's load (and a failed load leaves none)
+            self.pipe = self.model = None
             self.pipe = self.load(model)
             self.model = model
         result = self.pipe.generate(GenerationRequest.from_kwargs(**settings))

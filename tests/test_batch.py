@@ -125,6 +125,28 @@ def _counting(loads, load):
     return counted
 
 
+def test_a_worker_whose_load_failed_loads_again():
+    """A model that failed to load leaves the worker empty, not holding the previous model's name without
+    its pipeline."""
+    from types import SimpleNamespace
+
+    from sdonnx.jobs import Worker
+
+    loads = []
+
+    def load(model):
+        loads.append(model)
+        if model == "broken":
+            raise ValueError("broken model")
+        return SimpleNamespace(generate=lambda request: SimpleNamespace(images=[model], infotexts=[""]))
+
+    worker, settings = Worker(load), GenerationRequest().to_kwargs()
+    assert worker.run("a", settings)[0] == ["a"]
+    with pytest.raises(ValueError, match="broken model"):
+        worker.run("broken", settings)
+    assert worker.run("a", settings)[0] == ["a"] and loads == ["a", "broken", "a"]
+
+
 def test_jobs_run_grouped_by_model_and_resume(model, load, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(model, other)  # the same weights under another folder: a second model to load
