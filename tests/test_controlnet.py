@@ -418,3 +418,39 @@ def test_info_shows_a_controlnet(setup):
     result = CliRunner().invoke(main, ["info", str(setup[3])])
     assert result.exit_code == 0, result.output
     assert "ControlNet:      control_v11p_sd15_tiny [" in result.output and "residuals:       7 (6 skip" in result.output
+
+
+def test_a1111_api_runs_a_unit(setup, tmp_path):
+    """POST /sdapi/v1/txt2img with alwayson_scripts.controlnet: the unit's base64 image waits encoded, is decoded
+    when the job runs, and gives the image the Python door gives; a model made for nothing served is a 422."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from sdonnx.server import create_app
+
+    torch_pipe, controlnet, pipe, folder, _ = setup
+    buf = io.BytesIO()
+    Image.fromarray(_hint(1)).save(buf, format="PNG")
+    unit = {"input_image": base64.b64encode(buf.getvalue()).decode(), "model": "control_v11p_sd15_tiny",
+            "weight": 0.9, "guidance_end": 0.7}
+    app = create_app(pipe.folder, provider="cpu", controlnet_dirs=[folder.parent])
+    with TestClient(app) as client:
+        body = {"prompt": PROMPT, "steps": 3, "seed": 4, "sampler_name": "Euler", "width": 64, "height": 64,
+                "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+        assert 'ControlNet 0: "Module: none, Model: control_v11p_sd15_tiny [' in json.loads(r.json()["info"])["infotexts"][0]
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+            {**unit, "model": "control_v11f1p_sd15_depth"}]}}})
+        assert bad.status_code == 422 and "control_v11f1p_sd15_depth" in bad.text
+    direct = pipe.generate(PROMPT, steps=3, seed=4, sampler="Euler", scheduler="Automatic", cfg_scale=7.0,
+                           controlnet=[dict(model="control_v11p_sd15_tiny", image=_hint(1), weight=0.9,
+                                            guidance_end=0.7)]).images[0]
+    assert np.array_equal(served, np.asarray(direct))
