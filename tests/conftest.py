@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched at test time
+# the CPU provider's optimized-graph cache writes to the user's cache folder: off, except where a test sets it
+os.environ.setdefault("SDONNX_GRAPH_CACHE", "")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

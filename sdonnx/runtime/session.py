@@ -217,10 +217,7 @@ class Session:
         if not self._dims:
             self._session = self._sessions[()] = self._create(())
 
-    def _create(self, overrides):
-        """A session with ((dimension name, value), ...) fixed."""
-        from .providers import without_compiled_cache
-
+    def _options(self, overrides):
         options = session_options(self._plan)
         if self._replacements:
             options.add_external_initializers([n for n, _ in self._replacements], [v for _, v in self._replacements])
@@ -228,18 +225,73 @@ class Session:
             options.add_session_config_entry(key, value)
         for dim, value in overrides:
             options.add_free_dimension_override_by_name(dim, value)
-        providers = without_compiled_cache(self._plan.providers) if self._replacements else self._plan.providers
+        return options
+
+    def _start(self, source, options, providers):
         try:
-            session = start_session(self._source, options, providers, name=self.name, auto=self._plan.auto)
+            return start_session(source, options, providers, name=self.name, auto=self._plan.auto)
         except Exception as error:
             damaged = _damaged_model(self.path, error)
             if damaged is None:
                 raise
             raise damaged from None
+
+    def _create(self, overrides):
+        """A session with ((dimension name, value), ...) fixed."""
+        from . import graph_cache
+        from .providers import without_compiled_cache
+
+        providers = without_compiled_cache(self._plan.providers) if self._replacements else self._plan.providers
+        folder = graph_cache.cache_dir() if self._cacheable(overrides) else None
+        session = self._from_graph_cache(folder, overrides, providers) if folder is not None else None
+        if session is None:
+            session = self._start(self._source, self._options(overrides), providers)
         self.ran_on = (session.get_providers()[0], self._plan.device(session.get_providers()[0]))
         log.info("%s: runs on %s (device %s)", self.name, *self.ran_on)
         self._inputs = {i.name: _ORT_TO_NUMPY.get(i.type, np.float32) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
+        return session
+
+    def _cacheable(self, overrides):
+        """Whether the optimized graph may come from (and go to) the graph cache: the CPU provider running the
+        graph file as it is (LoRA replacements, rewrites and fixed dimensions change what is optimized)."""
+        return (self._plan.names[0] == "cpu" and not self._replacements and not overrides and not self._config
+                and self._source == str(self.path))
+
+    def _from_graph_cache(self, folder, overrides, providers):
+        """A session on the cached optimized graph (optimizations off: they ran when it was saved), or on
+        the graph file with its optimized graph saved to the cache; None where the cache folder cannot be
+        written (the caller makes a plain session)."""
+        import onnxruntime as ort
+
+        from . import graph_cache
+
+        key = graph_cache.entry_key(self.path, self._plan.session_config.items())
+        cached = graph_cache.lookup(folder, key)
+        if cached is not None:
+            options = self._options(overrides)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                session = start_session(str(cached), options, providers, name=self.name)
+                log.info("%s: optimized graph loaded from %s", self.name, cached.parent)
+                return session
+            except Exception as error:  # noqa: BLE001 - any failure of a cached file: make it again
+                log.warning("%s: the cached optimized graph %s does not load (%s); it is made again", self.name,
+                            cached.parent, str(error).strip().splitlines()[0] if str(error).strip() else error)
+                graph_cache.discard(cached.parent)
+        try:
+            temporary = graph_cache.staging(folder, key)
+        except OSError as error:
+            log.info("%s: optimized-graph cache off: cannot write in %s (%s)", self.name, folder, error)
+            return None
+        try:
+            session = self._start(self._source, graph_cache.save_options(self._options(overrides), temporary),
+                                  providers)
+        except BaseException:
+            graph_cache.discard(temporary)
+            raise
+        if graph_cache.publish(temporary, folder, key):
+            log.info("%s: optimized graph saved to %s", self.name, Path(folder) / key)
         return session
 
     def _for(self, feeds):
