@@ -87,8 +87,17 @@ def _cached_tiny_model(request):
     if not (cached / "sdonnx.json").is_file():
         pytest.importorskip("torch")
         folder = request.getfixturevalue("tiny_onnx")("sd1")
-        shutil.rmtree(cached, ignore_errors=True)
-        shutil.copytree(folder, cached)
+        # copied under a name of this process's own, then renamed: pytest-xdist workers share the cache, and
+        # one must never delete or half-write the folder another worker's server is reading
+        partial = cached.with_name(f"model.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(folder, partial)
+        if not (cached / "sdonnx.json").is_file():  # what an older, unfinished copy may have left
+            shutil.rmtree(cached, ignore_errors=True)
+        try:
+            partial.rename(cached)
+        except OSError:  # another worker's copy got there first: the same sources, the same model
+            shutil.rmtree(partial)
     return cached
 
 
