@@ -7,7 +7,6 @@ are what facexlib calls; the detector's decode and NMS are restated below in tor
 """
 import base64
 import io
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from converters.postprocess.gfpgan_arch import GFPGAN  # noqa: E402
 from converters.postprocess.parsenet_arch import ParseNet  # noqa: E402
 from converters.postprocess.retinaface_arch import RetinaFace  # noqa: E402
 from sdonnx.postprocess import faces, face_ops, retinaface  # noqa: E402
-from sdonnx.postprocess.models import scan  # noqa: E402
 
 TEMPLATE = faces.FFHQ_TEMPLATE
 
@@ -294,12 +292,8 @@ def test_detection_matches_facexlib_reference(face_models):
 
 def test_restore_with_given_landmarks_runs_each_stage(face_models):
     """The entry point with landmarks: the restored face is the torch module's on the same crop."""
-    found = {k: scan([face_models[d]], kind) for k, d, kind in (("r", "gfpgan_dir", "face_restorer"),
-                                                                 ("d", "gfpgan_dir", "face_detector"),
-                                                                 ("p", "gfpgan_dir", "face_parser"))}
     restorer = faces.FaceRestorer(*faces.find_models("GFPGAN", faces.face_folders(face_models["gfpgan_dir"],
                                                                                    face_models["codeformer_dir"])))
-    assert found["r"]
     image = _photo()
     result = restorer.restore(image, landmarks=[LANDMARKS / 1.0])
     aligned = faces.align(image, LANDMARKS, 32)

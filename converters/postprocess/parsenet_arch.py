@@ -3,7 +3,6 @@
 image. Names match the released file. Its layout in the released file: 64 base channels clipped to
 [32, 256], four downsampling and four upsampling blocks, ten body blocks, 512 px in and out.
 """
-import torch
 from torch import nn
 from torch.nn import functional as F
 
