@@ -52,8 +52,7 @@ def warp_affine(image, matrix, size, border=0.0, window=None):
     image: [H, W] or [H, W, C], uint8 (results rounded as OpenCV rounds) or float; matrix maps source to
     output pixels; size: (width, height) of the output; border: value or per-channel values; window:
     (x0, y0, x1, y1), only that part of the output (the rest would be border)."""
-    width, height = size
-    x0, y0, x1, y1 = window or (0, 0, width, height)
+    x0, y0, x1, y1 = window or (0, 0, *size)
     sx, sy = _sample_positions(invert_affine(np.asarray(matrix, np.float64)), np.arange(x0, x1), np.arange(y0, y1))
     x0, y0 = sx >> _INTER_BITS, sy >> _INTER_BITS
     fx, fy = (sx & 31) / 32.0, (sy & 31) / 32.0
@@ -114,17 +113,17 @@ def gaussian_blur(image, ksize, sigma):
     return _blur_matrix(h, kernel) @ image @ _blur_matrix(w, kernel).T
 
 
-def _lanczos4_weights(dst, src):
-    """[dst, src] matrix of OpenCV's INTER_LANCZOS4 resize along one axis, in its 11-bit fixed point,
-    edge pixels repeated outside the image."""
+def _lanczos4_taps(dst, src):
+    """(indices [dst, 8], weights [dst, 8]) of OpenCV's INTER_LANCZOS4 resize along one axis: 8 source
+    pixels per output pixel (edge pixels repeated outside the image), weights in its 11-bit fixed point."""
     scale = src / dst
-    matrix = np.zeros((dst, src), np.int64)
     s45 = 0.70710678118654752440084436210485
     cs = [(1, 0), (-s45, -s45), (0, 1), (s45, -s45), (-1, 0), (s45, s45), (0, -1), (-s45, s45)]
+    indices, weights = np.zeros((dst, 8), np.int64), np.zeros((dst, 8), np.int64)
     for d in range(dst):
         f = np.float32((d + 0.5) * scale - 0.5)
-        s = math.floor(f)
-        x = np.float32(f - s)
+        start = math.floor(f)
+        x = np.float32(f - start)
         y0 = -(float(x) + 3) * math.pi * 0.25
         s0, c0 = math.sin(y0), math.cos(y0)
         coeffs = np.zeros(8, np.float32)
@@ -136,19 +135,27 @@ def _lanczos4_weights(dst, src):
             else:
                 coeffs[i] = np.float32(1e30)
         coeffs = coeffs * (np.float32(1) / np.sum(coeffs, dtype=np.float32))
-        for i in range(8):
-            matrix[d, min(max(s - 3 + i, 0), src - 1)] += int(np.rint(coeffs[i] * 2048))
-    return matrix
+        indices[d] = np.clip(np.arange(start - 3, start + 5), 0, src - 1)
+        weights[d] = np.rint(coeffs * 2048).astype(np.int64)
+    return indices, weights
 
 
-def resize_lanczos4(image, size):
-    """OpenCV's resize(image, size, interpolation=INTER_LANCZOS4) of a uint8 [H, W, C] image."""
+def resize_lanczos4(image, size, chunk_elements=1 << 22):
+    """OpenCV's resize(image, size, interpolation=INTER_LANCZOS4) of a uint8 [H, W, C] image.
+
+    Integer sums as OpenCV's fixed point (exact, so the order of the two passes does not matter), the
+    output made in bands of rows so that memory follows the band, not the image."""
     width, height = size
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image.copy()
-    rows, cols = _lanczos4_weights(height, h).astype(np.float64), _lanczos4_weights(width, w).astype(np.float64)
-    # integer sums below 2**40 are exact in float64: BLAS products give OpenCV's fixed-point totals
-    channels = [rows @ image[..., c].astype(np.float64) @ cols.T for c in range(image.shape[2])]
-    total = np.rint(np.stack(channels, axis=-1)).astype(np.int64)
-    return np.clip((total + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
+    rows, row_weights = _lanczos4_taps(height, h)
+    cols, col_weights = _lanczos4_taps(width, w)
+    out = np.empty((height, width, image.shape[2]), np.uint8)
+    band = max(1, chunk_elements // (8 * max(w, width) * image.shape[2]))
+    for y in range(0, height, band):
+        taps = image[rows[y:y + band]].astype(np.int64)  # [band, 8, W, C]
+        vertical = np.einsum("bkwc,bk->bwc", taps, row_weights[y:y + band])
+        total = np.einsum("bxkc,xk->bxc", vertical[:, cols], col_weights)
+        out[y:y + band] = np.clip((total + (1 << 21)) >> 22, 0, 255)
+    return out

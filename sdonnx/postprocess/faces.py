@@ -76,17 +76,22 @@ def face_mask(parsing):
     return mask / 255.0
 
 
-def paste(canvas, face, matrix, mask):
-    """Blend a restored face [S, S, 3] uint8 into `canvas` (float64 [H, W, 3]) through the inverse of
-    `matrix`, weighted by `mask` [S, S] warped the same way; returns the new canvas."""
+def paste(canvas, face, matrix, mask, origin=(0, 0)):
+    """Blend a restored face [S, S, 3] uint8 into `canvas` (float64 [h, w, 3]: the image's pixels from
+    origin (x, y) on) through the inverse of `matrix`, weighted by `mask` [S, S] warped the same way; in place."""
+    ox, oy = origin
     h, w = canvas.shape[:2]
     inverse = invert_affine(matrix)
     # only where the face can land: elsewhere the warped face and mask are 0 and the canvas stays as it is
-    x0, y0, x1, y1 = window = footprint(inverse, face.shape[0], (w, h))
-    back = warp_affine(face, inverse, (w, h), window=window).astype(np.float64)
-    soft = warp_affine(mask, inverse, (w, h), window=window)[..., None]
-    canvas = canvas.copy()
-    canvas[y0:y1, x0:x1] = soft * back + (1 - soft) * canvas[y0:y1, x0:x1]
+    x0, y0, x1, y1 = footprint(inverse, face.shape[0], (ox + w, oy + h))
+    window = (max(x0, ox), max(y0, oy), x1, y1)
+    x0, y0 = window[:2]
+    if x1 <= x0 or y1 <= y0:
+        return canvas
+    back = warp_affine(face, inverse, None, window=window).astype(np.float64)
+    soft = warp_affine(mask, inverse, None, window=window)[..., None]
+    region = canvas[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    region[...] = soft * back + (1 - soft) * region
     return canvas
 
 
@@ -94,13 +99,24 @@ def restore_faces(image, restore, parse, faces, size=512):
     """Restore every face of an RGB uint8 image [H, W, 3] -> a new image.
 
     faces: [F, 5, 2] landmarks (image pixels); restore(net_input) -> net_output and parse(net_input) ->
-    logits run the networks on [1, 3, size, size] inputs in [-1, 1]."""
-    canvas = image.astype(np.float64)
-    for landmarks in faces:
-        aligned = align(image, landmarks, size)
-        restored = from_net(restore(to_net(aligned.crop)))
-        canvas = paste(canvas, restored, aligned.matrix, face_mask(parse(to_net(restored))))
-    return canvas.astype(np.uint8)
+    logits run the networks on [1, 3, size, size] inputs in [-1, 1]. As facexlib, the faces are blended
+    one after the other in floating point and the result truncated once; the floating-point canvas covers
+    only the faces' footprints (an 8k image holds no 8k float copy)."""
+    h, w = image.shape[:2]
+    aligned = [align(image, landmarks, size) for landmarks in faces]
+    windows = [footprint(invert_affine(a.matrix), size, (w, h)) for a in aligned]
+    windows = [win for win in windows if win[2] > win[0] and win[3] > win[1]]
+    if not windows:
+        return image.copy()
+    x0, y0 = min(win[0] for win in windows), min(win[1] for win in windows)
+    x1, y1 = max(win[2] for win in windows), max(win[3] for win in windows)
+    canvas = image[y0:y1, x0:x1].astype(np.float64)
+    for face in aligned:
+        restored = from_net(restore(to_net(face.crop)))
+        paste(canvas, restored, face.matrix, face_mask(parse(to_net(restored))), (x0, y0))
+    out = image.copy()
+    out[y0:y1, x0:x1] = canvas.astype(np.uint8)
+    return out
 
 
 class FaceRestorer:
