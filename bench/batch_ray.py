@@ -21,7 +21,7 @@ the same write; the driver writes one image while the worker sends the next, so 
 local figure: Ray's cost is then hidden behind the write).
 
 The 1-minute load average before and after is printed and saved: on a shared machine compare the ratios of
-one run only. Results: bench/results/batch_ray-<date>.json.
+one run only. Results: bench/results/batch_ray-<date>.json. Needs ray and psutil (the test environment has both).
 """
 import argparse
 import json
