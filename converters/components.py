@@ -221,8 +221,6 @@ def component_specs(text_encoders, unet, vae, seed=0):
     g = torch.Generator().manual_seed(seed)
     max_len = min(_text_core(t).embeddings.position_embedding.num_embeddings for t in text_encoders.values())
     odd = unet_odd_size(unet)
-    lat_c = vae.config.latent_channels
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def ids(table):
         def make(b, t):
@@ -230,8 +228,6 @@ def component_specs(text_encoders, unet, vae, seed=0):
             return input_ids, table[input_ids]
         return make
 
-    lat = lambda b, h, w: (torch.randn(b, lat_c, h, w, generator=g),)  # noqa: E731
-    img = lambda b, h, w: (torch.rand(b, 3, h, w, generator=g) * 2 - 1,)  # noqa: E731
     specs = []
     for name, model in text_encoders.items():
         make = ids(token_embedding(model).weight.detach())
@@ -245,6 +241,17 @@ def component_specs(text_encoders, unet, vae, seed=0):
         ComponentSpec("unet", (UNetAddedExport if added else UNetExport)(unet), UNET_ADDED if added else UNET,
                       unet_in(2, odd, odd + 2, max_len),
                       [unet_in(2, 8, 8, max_len), unet_in(1, odd + 4, 6, 2 * max_len)], "model.", "unet"),
+    ] + vae_specs(vae, g)
+
+
+def vae_specs(vae, g):
+    """The VAE decoder and encoder graphs (a checkpoint's, or an external VAE converted on its own), with
+    example and check inputs drawn from the generator g."""
+    lat_c = vae.config.latent_channels
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    lat = lambda b, h, w: (torch.randn(b, lat_c, h, w, generator=g),)  # noqa: E731
+    img = lambda b, h, w: (torch.rand(b, 3, h, w, generator=g) * 2 - 1,)  # noqa: E731
+    return [
         ComponentSpec("vae_decoder", VaeDecoderExport(vae), VAE_DECODER, lat(1, 5, 7), [lat(2, 8, 8), lat(1, 3, 5)],
                       "model.", "vae"),
         ComponentSpec("vae_encoder", VaeEncoderExport(vae), VAE_ENCODER, img(1, 5 * vae_factor, 7 * vae_factor),

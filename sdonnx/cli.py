@@ -1,5 +1,6 @@
 """The `sdonnx` command: click commands only; the work happens in the library."""
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -214,6 +215,7 @@ class _Commands(click.Group):
         "xyz": "sdonnx.cli_xyz:xyz",
         "prompt-matrix": "sdonnx.cli_xyz:prompt_matrix",
         "upscale": "sdonnx.cli_upscale:upscale",
+        "cache": "sdonnx.cli_cache:cache",
     }
 
     @classmethod
@@ -242,7 +244,12 @@ def main(verbose):
 
 @main.command(cls=UnitOrderCommand)
 @click.argument("prompt", required=False)
-@click.option("-m", "--model", required=True, type=click.Path(), help="Converted model folder.")
+@click.option("-m", "--model", required=True, type=click.Path(),
+              help="Converted model folder, checkpoint file, or (with --data-dir) a checkpoint's name, title or "
+                   "hash as A1111 lists it; checkpoints are converted on first use and cached.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="An A1111 install's data folder: its checkpoints, VAEs, LoRAs, embeddings and hypernetworks by "
+                   "A1111's folder names [default: $SDONNX_DATA_DIR].")
 @click.option("--from-image", type=click.Path(), help="Take every setting from this image's A1111 infotext; "
               "flags given beside it override (give --init-image/--mask again for img2img).")
 @click.option("--from-infotext", metavar="TEXT", help="As --from-image, from infotext TEXT.")
@@ -273,7 +280,7 @@ def main(verbose):
 @upscaler_folder_options
 @controlnet_options
 @_request_options
-def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
+def generate(prompt, model, data_dir, from_image, from_infotext, outpaint, embeddings_dir, provider, device_id, device,
              lora_dir, hypernetwork_dir, controlnet_dir, precision, gfpgan_models_path, codeformer_models_path, outdir,
              lowmem, models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path, **fields):
     """Generate images from PROMPT with a converted model; PNGs carry A1111's infotext.
@@ -292,11 +299,15 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         if precision is None:  # an image made in bf16 is reproduced in bf16
             precision = _infotext_load_options(from_image, from_infotext).get("precision")
         upscaler_dirs = folders_from(models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path)
+        if _data_dir_given(data_dir) and models_root == "models" and not (esrgan_models_path or realesrgan_models_path
+                                                                          or swinir_models_path):
+            upscaler_dirs = None  # the data folder's models/ESRGAN, RealESRGAN, SwinIR
         pipe = Pipeline.load(model, provider=provider, device_id=device_id, lora_dir=lora_dir, lowmem=lowmem,
                              embeddings_dir=embeddings_dir, device=device, hypernetwork_dir=hypernetwork_dir,
                              upscaler_dirs=upscaler_dirs, controlnet_dir=controlnet_dir,
-                             precision=precision,
-                             face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path))
+                             precision=precision, data_dir=data_dir, convert_progress=convert_report,
+                             face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path,
+                                                  _data_dir_given(data_dir)))
         _generate_and_save(pipe, request, outdir, saved)
     except _user_errors() as e:
         _fail(e)
@@ -305,11 +316,25 @@ def generate(prompt, model, from_image, from_infotext, outpaint, embeddings_dir,
         sys.exit(130)  # the shell's code for a SIGINT
 
 
-def _face_dirs(models_root, gfpgan_models_path, codeformer_models_path):
+def _face_dirs(models_root, gfpgan_models_path, codeformer_models_path, data_given=False):
     """restore_faces' folders: A1111's --gfpgan-models-path and --codeformer-models-path, default MODELS_ROOT/GFPGAN
-    and MODELS_ROOT/Codeformer."""
+    and MODELS_ROOT/Codeformer (None, with a data folder and none of them given: the data folder's)."""
+    if data_given and models_root in (None, "models") and not (gfpgan_models_path or codeformer_models_path):
+        return None
     root = Path(models_root or "models")
     return {"gfpgan_dir": gfpgan_models_path or root / "GFPGAN", "codeformer_dir": codeformer_models_path or root / "Codeformer"}
+
+
+def _data_dir_given(data_dir):
+    from .datadir import ENV
+
+    return bool(data_dir or os.environ.get(ENV))
+
+
+def convert_report(progress):
+    """A conversion on first use, told on stderr: what it does, stage n of N, and the time expected up front."""
+    stage = f" [{progress.done}/{progress.total}]" if progress.total else ""
+    click.echo(f"{progress.message}{stage}", err=True)
 
 
 def _generate_and_save(pipe, request, outdir, saved):
@@ -480,8 +505,12 @@ def _provider_status(p, name, offered, device_id, device):
 
 
 @main.command()
-@click.option("-m", "--models", "models", required=True, multiple=True, type=click.Path(exists=True),
-              help="A converted model folder, or a folder of them (repeatable).")
+@click.option("-m", "--models", "models", multiple=True, type=click.Path(exists=True),
+              help="A converted model folder, or a folder of them (repeatable); needed without --data-dir.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="An A1111 install's data folder: its checkpoints are listed as A1111 lists them and converted on "
+                   "their first request; its VAEs, LoRAs, embeddings, hypernetworks and styles.csv are used "
+                   "[default: $SDONNX_DATA_DIR].")
 @click.option("--listen", is_flag=True, help="Bind all interfaces (default: 127.0.0.1 only).")
 @click.option("--port", default=7860, show_default=True, type=int)
 @click.option("--api-auth", envvar="SDONNX_API_AUTH", help="user:pass[,user2:pass2]: HTTP basic auth on every route.")
@@ -507,34 +536,54 @@ def _provider_status(p, name, offered, device_id, device):
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES, case_sensitive=False), default=None,
               help=PRECISION_HELP)
 @upscaler_folder_options
-def serve(models, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
+def serve(models, data_dir, listen, port, api_auth, cors_allow_origins, cors_allow_origins_regex, max_body_mb, lora_dir,
           embeddings_dir, hypernetwork_dir, controlnet_dir, gfpgan_models_path, codeformer_models_path, outdir, provider,
           device_id, device, models_root, esrgan_models_path, realesrgan_models_path, swinir_models_path, precision):
-    """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS."""
+    """Serve A1111's HTTP API (/sdapi/v1) and a web page at / for the models in MODELS (and --data-dir)."""
     try:
         import uvicorn
 
         from .server import create_app
     except ImportError as e:
         _fail(f"serving needs the serve extra: pip install 'sdonnx[serve]' ({e})")
-    roots = [Path(m) for m in models]
+    from .datadir import DataDir
+
     try:
+        data = DataDir.from_option(data_dir)
+        if not models and data is None:
+            raise ValueError("give -m MODELS (converted model folders) or --data-dir (an A1111 install)")
         app = create_app(models, provider=provider, device_id=device_id, device=device, precision=precision,
                          api_auth=api_auth,
                          cors_allow_origins=[o.strip() for o in cors_allow_origins.split(",") if o.strip()],
                          cors_allow_origins_regex=cors_allow_origins_regex, max_body_bytes=int(max_body_mb * 2**20),
-                         lora_dirs=lora_dir or [r / "Lora" for r in roots],
-                         embedding_dirs=embeddings_dir or [r / "embeddings" for r in roots],
-                         hypernetwork_dirs=hypernetwork_dir or [r / "hypernetworks" for r in roots], outdir=outdir,
-                         upscaler_dirs=folders_from(models_root, esrgan_models_path, realesrgan_models_path,
-                                                    swinir_models_path),
-                         controlnet_dirs=controlnet_dir or [r / "ControlNet" for r in roots],
-                         face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path))
+                         lora_dirs=lora_dir or _served_folders(models, data, "Lora", "lora"),
+                         embedding_dirs=embeddings_dir or _served_folders(models, data, "embeddings", "embeddings"),
+                         hypernetwork_dirs=hypernetwork_dir or _served_folders(models, data, "hypernetworks",
+                                                                               "hypernetworks"),
+                         upscaler_dirs=_served_upscalers(data, models_root, esrgan_models_path,
+                                                         realesrgan_models_path, swinir_models_path),
+                         controlnet_dirs=controlnet_dir or _served_folders(models, data, "ControlNet", "controlnet"),
+                         face_dirs=_face_dirs(models_root, gfpgan_models_path, codeformer_models_path,
+                                              data is not None),
+                         outdir=outdir, data_dir=data)
     except _user_errors() as e:
         _fail(e)
     host = "0.0.0.0" if listen else "127.0.0.1"
     click.echo(f"sdonnx serving on http://{host}:{port}/ (API at /sdapi/v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info" if logging.getLogger().level <= logging.INFO else "warning")
+
+
+def _served_upscalers(data, models_root, esrgan, realesrgan, swinir):
+    """Upscaler folders for serve: under --models-root and the per-folder flags; with --data-dir and none of
+    them given, the data folder's models/ (A1111's ESRGAN, RealESRGAN, SwinIR)."""
+    flagged = models_root != "models" or esrgan or realesrgan or swinir
+    root = data.root / "models" if data is not None and not flagged else models_root
+    return folders_from(root, esrgan, realesrgan, swinir)
+
+
+def _served_folders(models, data, name, kind):
+    """The default folders of one kind for serve: the data folder's (A1111's name), then MODELS/name."""
+    return ([data.folder(kind)] if data is not None else []) + [Path(m) / name for m in models]
 
 
 if __name__ == "__main__":

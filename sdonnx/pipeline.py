@@ -13,6 +13,7 @@ import numpy as np
 from .adapters.hypernetwork import hypernet_requests
 from .adapters.lora import Loras, lora_requests
 from .adapters.textual_inversion import EmbeddingDatabase, embedding_parts
+from .cache import entry_source
 from .controlnet.model import Library
 from .controlnet.residuals import unet_graph
 from .diffusion.denoiser import cfg_denoiser
@@ -81,12 +82,19 @@ class Pipeline:
     """A converted model folder, ready to generate. Sessions are created on first use and cached."""
 
     def __init__(self, folder, manifest, plan, lora_dir=None, embeddings_dir=None, lowmem=False, hypernetwork_dir=None,
-                 upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None):
+                 upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None, data=None,
+                 convert_progress=None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.plan = plan
         self.precision = precision or Precision()  # runtime.precision.Precision: which graphs, which hint
         self.lowmem = lowmem
+        # external VAEs: the data folder's (datadir.DataDir or None), and the checkpoint this model was converted
+        # from on first use (its MODEL.vae.* is the "Automatic" VAE); None for a folder converted by hand
+        self.data = data
+        self.checkpoint = entry_source(self.folder)
+        self.convert_progress = convert_progress
+        self._vaes = {}  # (VAE file, size, mtime) -> vae.ExternalVae, converted and checked once
         # caches only: nothing a generate call asks for is kept for the next one
         self._components = {}  # (name, LoRA key, tiling, hypernetwork key: each None when off) -> component facade
         self.lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
@@ -95,7 +103,8 @@ class Pipeline:
         self._hypernetworks = None  # adapters.hypernetwork_graph.UnetHypernetworks, made on the first tag
         self._refiners = {}  # model folder -> Pipeline, for generate(refiner=folder)
         # the hires fix's upscaler models, by A1111's names; their sessions are made on first use
-        self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan)
+        self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan,
+                                   cache=_model_cache(data))
         folders = controlnet_dir if isinstance(controlnet_dir, (list, tuple)) else (controlnet_dir,)
         self.controlnet_library = Library(tuple(Path(f) for f in folders if f) or (DEFAULT_CONTROLNET_DIR,))
         self._controlnets = {}  # resolved ControlNet folder -> ControlNetModel (its session made on first use)
@@ -120,8 +129,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, path, provider="auto", device_id=0, lora_dir=None, embeddings_dir=None, lowmem=False, device=None,
-             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None):
+             hypernetwork_dir=None, upscaler_dirs=None, controlnet_dir=None, precision=None, face_dirs=None,
+             data_dir=None, convert_progress=None):
         """Read the model folder's manifest and choose execution providers (no session is created yet).
+
+        path: a converted model folder; or a checkpoint file, or (with data_dir) a checkpoint of an A1111 install
+        by any name A1111 lists it under (`v1-5-pruned-emaonly`, `v1-5-pruned-emaonly.safetensors [6ce0161689]`,
+        `6ce0161689`), converted on first use into the conversion cache (convert_progress(cache.Progress)
+        hears how it goes). data_dir: an A1111 data folder (default: the SDONNX_DATA_DIR environment variable);
+        the LoRA, embeddings and hypernetwork folders default to its own.
 
         lora_dir: where `<lora:name:...>` tags find their files (default models/Lora); embeddings_dir:
         textual inversion files, used by file name in prompts (default models/embeddings); hypernetwork_dir:
@@ -138,6 +154,20 @@ class Pipeline:
         precision: fp32, bf16, fp16, int8 or auto (runtime/precision.py: what each provider can do); None runs
         each graph as converted. One this provider, CPU or model cannot run is a PrecisionError naming the
         valid ones; `auto` logs what it picked."""
+        from .datadir import DataDir, resolve_model
+
+        data = DataDir.from_option(data_dir)
+        path = resolve_model(path, data, convert_progress)
+        if data is not None:
+            lora_dir = lora_dir or data.existing("lora")
+            embeddings_dir = embeddings_dir or data.existing("embeddings")
+            hypernetwork_dir = hypernetwork_dir or data.existing("hypernetworks")
+            controlnet_dir = controlnet_dir or data.existing("controlnet")
+            face_dirs = face_dirs or {"gfpgan_dir": data.folder("gfpgan"), "codeformer_dir": data.folder("codeformer")}
+            if upscaler_dirs is None:
+                from .postprocess.upscale import upscaler_folders
+
+                upscaler_dirs = upscaler_folders(data.root / "models")
         manifest = load_manifest(path)
         plan = providers_mod.plan(provider, device_id, device)
         chosen = precision_mod.resolve(precision, plan.names[0], plan.device(plan.providers[0][0]), manifest)
@@ -147,21 +177,28 @@ class Pipeline:
             log.info("precision %s (UNet: %s)", chosen.name, chosen.label(manifest))
         return cls(path, manifest, plan, lora_dir=lora_dir, embeddings_dir=embeddings_dir, lowmem=lowmem,
                    hypernetwork_dir=hypernetwork_dir, upscaler_dirs=upscaler_dirs,
-                   controlnet_dir=controlnet_dir, precision=chosen, face_dirs=face_dirs)
+                   controlnet_dir=controlnet_dir, precision=chosen, face_dirs=face_dirs, data=data,
+                   convert_progress=convert_progress)
 
     @property
     def providers(self):
         return list(self.plan.names)
 
-    def _component(self, name, base=False, networks=None, tiling=None, residuals=False):
+    def _component(self, name, base=False, networks=None, tiling=None, residuals=False, vae=None):
         """The session facade for `name` with these extra networks (a Networks, or None) and tiling ("xy", "x",
         "y" or None), created on first use. base: the fp32 base graph even where the model has a derived
-        (optimized, fp16, int8) one. residuals: the UNet taking ControlNet residuals (controlnet.residuals)."""
+        (optimized, fp16, int8) one. residuals: the UNet taking ControlNet residuals (controlnet.residuals).
+        vae: an external VAE (vae.ExternalVae) whose graphs replace the model's VAE decoder and encoder."""
         tiling = tiling if name in TILEABLE else None
         lora_key = networks.lora_key(name) if networks is not None else None
         chain = networks.hypernets if networks is not None and name == "unet" else ()
+        external = vae if name in ("vae_decoder", "vae_encoder") else None
         key = (name, lora_key, tiling, tuple(h.stamp for h in chain) or None) + (("base",) if base else ()) + \
             (("residuals",) if residuals else ())
+        if external is not None:
+            key += (("vae", str(external.folder)),)
+            for old in [k for k in self._components if k[0] == name and _external_key(k) and k != key]:
+                del self._components[old]  # one external VAE kept beside the model's own
         if key not in self._components:
             kind = {"text_encoder": TextEncoder, "text_encoder_2": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder,
                     "vae_encoder": VaeEncoder}
@@ -180,7 +217,8 @@ class Pipeline:
             for old in [k for k in self._components if k[0] == name and k != key
                         and (k[1] is not None or k[3] is not None or "residuals" in k)]:
                 del self._components[old]
-            self._components[key] = kind[name](self.folder, self.manifest, name, self.plan, **options)
+            folder, manifest = (external.folder, external.manifest) if external else (self.folder, self.manifest)
+            self._components[key] = kind[name](folder, manifest, name, self.plan, **options)
         self._ran[name] = self._components[key].session
         if chain:
             from .adapters.hypernetwork_graph import WithMultipliers
@@ -249,13 +287,14 @@ class Pipeline:
             return conditioning.with_added(ids([float(aesthetic_score)]), ids([float(negative_aesthetic_score)]))
         return conditioning.with_added(ids(size))
 
-    def decode(self, latents, tiled=None, tiling=None):
+    def decode(self, latents, tiled=None, tiling=None, vae=None):
         """latents: [B, C, h, w] in the sampler's scale -> PIL images (VAE in tiles when tiled, or when None
-        and the image is large; tiling: the seamless-tiling axes the image was made with)."""
+        and the image is large; tiling: the seamless-tiling axes the image was made with; vae: an external
+        VAE, vae.ExternalVae, instead of the model's own; the model's scaling factor applies either way)."""
         latents = latents / self.manifest.vae_scaling_factor
         f = self.manifest.vae_scale_factor
         tiles = _use_tiles(tiled, (latents.shape[2] * f, latents.shape[3] * f))
-        decoder = self._component("vae_decoder", base=self._vae_overflowed, tiling=tiling)
+        decoder = self._component("vae_decoder", base=self._vae_overflowed, tiling=tiling, vae=vae)
         images = _vae_decode(decoder, latents, tiles)
         if not np.isfinite(images).all() and not decoder.is_base:
             # fp16 activations past 65504 turn into Inf, then NaN after a norm: A1111's --no-half-vae, by itself
@@ -265,12 +304,12 @@ class Pipeline:
             images = _vae_decode(self._component("vae_decoder", base=True, tiling=tiling), latents, tiles)
         return latents_to_images(images)
 
-    def encode_images(self, images, tiled=False, tiling=None):
+    def encode_images(self, images, tiled=False, tiling=None, vae=None):
         """images: [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] in the sampler's scale.
 
         The posterior mean, not a random sample as A1111 draws (its spread is ~1e-3 of the latent):
         the same image always gives the same latents. tiled: the VAE in tiles (None: for large images)."""
-        encoder = self._component("vae_encoder", tiling=tiling)
+        encoder = self._component("vae_encoder", tiling=tiling, vae=vae)
         images = np.asarray(images, np.float32)
         if _use_tiles(tiled, images.shape[2:]):
             from .tiled_vae import encode_tiled
@@ -353,14 +392,18 @@ class Pipeline:
             hr_conditioning = self.with_time_ids(hr_conditioning, plan.hires.width, plan.hires.height, **added)
         self._release(*(t.component for t in self.manifest.text_encoders))  # SDXL: text_encoder_2 too
         refine = self._refine(refiner, request, plan, text, calls)
-        init_latent, image_cond = self._init_latents(plan, request.tiling.tiled_vae)
+        vae = self.external_vae(request.vae.vae)
+        init_latent, image_cond = self._init_latents(plan, request.tiling.tiled_vae, vae)
         self._release("vae_encoder")
         controls = self._controls(request, plan)
         facts = {"Model hash": self.manifest.model_hash, "Model": self.manifest.name,
+                 "VAE hash": vae.sha256[:10] if vae else None, "VAE": vae.name if vae else None,
                  "Lora hashes": networks.hashes if networks else None, "TI hashes": prompt_params["TI hashes"],
                  "Refiner": _refiner_name(refiner), "ControlNet": {i: c.net.manifest.title for i, c in enumerate(controls)},
+                 "VAE hash": vae.sha256[:10] if vae else None, "VAE": vae.name if vae else None,
                  "Precision": self._precision_label(networks, plan)}
-        return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts, controls)
+        return _Job(conditioning, hr_conditioning, networks, refine, init_latent, image_cond, facts, controls,
+                    vae)
 
     def _controls(self, request, plan):
         """The request's ControlNet units with their models (checked against this model) and detected maps."""
@@ -442,10 +485,10 @@ class Pipeline:
         else:
             upscaler = self.upscalers.get(hr.upscaler)  # A1111's resize_image with the hires upscaler
             images = [resize_with(im, hr.width, hr.height, upscaler)
-                      for im in self.decode(x, tiled=tiled, tiling=plan.tiling)]
-            start = self.encode_images(np.concatenate([to_array(im) for im in images]), tiled, plan.tiling)
+                      for im in self.decode(x, tiled=tiled, tiling=plan.tiling, vae=job.vae)]
+            start = self.encode_images(np.concatenate([to_array(im) for im in images]), tiled, plan.tiling, job.vae)
         # an inpainting model repaints everything in the second pass, as in txt2img (A1111)
-        image_cond = self._blank_image_cond(shape, tiled, plan.tiling) if m.is_inpaint else None
+        image_cond = self._blank_image_cond(shape, tiled, plan.tiling, job.vae) if m.is_inpaint else None
         same = plan.hires_sampler.sampler == plan.sampler.sampler
         second = _Pass(plan.hires_sampler, plan.hires_sigmas, job.hr_conditioning,
                        request.sampling.options() if same else {}, start, image_cond,
@@ -515,7 +558,7 @@ class Pipeline:
     def _images(self, x, request, plan, job):
         """Decode a batch (with the refiner's VAE when it finished the job) and paste inpainting results."""
         decoder = job.refine[0] if job.refine and plan.hires is None else self
-        images = decoder.decode(x, tiled=request.tiling.tiled_vae, tiling=plan.tiling)
+        images = decoder.decode(x, tiled=request.tiling.tiled_vae, tiling=plan.tiling, vae=job.vae)
         if job.controls:  # ControlNet inpaint_only puts the unmasked area back, as the extension
             from .controlnet.apply import restore_images
 
@@ -541,27 +584,43 @@ class Pipeline:
         return [Image.fromarray(restorer.restore(np.asarray(im.convert("RGB")), codeformer_weight=faces.codeformer_weight))
                 for im in images]
 
-    def _init_latents(self, plan, tiled):
+    def _init_latents(self, plan, tiled, vae=None):
         """(init latent [1, C, h, w] or None, inpainting-model image conditioning [1, C+1, h, w] or None)."""
         m, init, shape = self.manifest, plan.init, plan.shape
         if init is None:  # txt2img on an inpainting model: everything is to be painted
-            return None, self._blank_image_cond(shape, tiled, plan.tiling) if m.is_inpaint else None
-        latent = self.encode_images(init.array, tiled, plan.tiling)
+            return None, self._blank_image_cond(shape, tiled, plan.tiling, vae) if m.is_inpaint else None
+        latent = self.encode_images(init.array, tiled, plan.tiling, vae)
         if init.resize_mode == 3:  # A1111: the image encoded at its own size, the latents resized (bilinear)
             latent = upscale_latents(latent, shape[1:], "Latent")
         if not m.is_inpaint:
             return latent, None
         if init.mask is None:
             return latent, np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), latent], 1)
-        masked = self.encode_images(init.array * (1.0 - init.pixel_mask()), tiled, plan.tiling)
+        masked = self.encode_images(init.array * (1.0 - init.pixel_mask()), tiled, plan.tiling, vae)
         return latent, np.concatenate([init.conditioning_mask(shape[1:]), masked], 1)
 
-    def _blank_image_cond(self, shape, tiled, tiling):
+    def _blank_image_cond(self, shape, tiled, tiling, vae=None):
         """An inpainting model's conditioning when all is to be painted: mask of ones, the latents of a grey
         image (A1111's txt2img_image_conditioning): [1, C+1, h, w]."""
         f = self.manifest.vae_scale_factor
         blank = np.zeros((1, 3, shape[1] * f, shape[2] * f), np.float32)
-        return np.concatenate([np.ones((1, 1, *shape[1:]), np.float32), self.encode_images(blank, tiled, tiling)], 1)
+        return np.concatenate([np.ones((1, 1, *shape[1:]), np.float32),
+                               self.encode_images(blank, tiled, tiling, vae)], 1)
+
+    def external_vae(self, value):
+        """The external VAE a request's `vae` selects (vae.ExternalVae, converted on first use and checked
+        against this model's latent space), or None for the model's own (A1111's sd_vae semantics)."""
+        from .vae import find_vae_file, load_external_vae
+
+        found = find_vae_file(value, self.checkpoint, self.data)
+        if found is None:
+            return None
+        path, beside = found
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime)
+        if key not in self._vaes:
+            self._vaes[key] = load_external_vae(path, self.manifest, self.data, beside, self.convert_progress)
+        return self._vaes[key]
 
     def _refiner(self, refiner):
         """The refiner Pipeline (loaded once per folder; no session yet), or None; checked before any pass."""
@@ -650,6 +709,7 @@ class _Job:
     image_cond: object  # inpainting models: [1, C+1, h, w] or None
     facts: dict  # infotext values the model side knows
     controls: tuple = ()  # controlnet.apply.Control of each enabled unit
+    vae: object = None  # vae.ExternalVae decoding and encoding instead of the model's VAE, or None
 
 
 @dataclass(frozen=True)
@@ -666,6 +726,19 @@ class _Pass:
     refine: object = None
     controls: tuple = ()  # controlnet.apply.PassUnit of the units active in this pass
     control_steps: int = 0  # the steps the extension divides by for the guidance windows
+
+
+def _model_cache(data):
+    """The conversion cache of a data folder (its upscaler files convert on first use), None without one."""
+    if data is None:
+        return None
+    from .datadir import model_cache
+
+    return model_cache(data)
+
+
+def _external_key(key):
+    return isinstance(key[-1], tuple) and key[-1][:1] == ("vae",)
 
 
 def _request(prompt, negative_prompt, settings):

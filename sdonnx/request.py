@@ -436,9 +436,22 @@ class FacesPart(_Part):
         return cls.simple_read(params, "restore_faces", "codeformer_weight")
 
 
+@dataclass(frozen=True)
+class VaePart(_Part):
+    """The VAE that decodes and encodes: A1111's sd_vae setting (sdonnx/vae.py)."""
+
+    vae: str = option(None, "VAE", "VAE: a file, a name from models/VAE (--data-dir), Automatic (MODEL.vae.* beside "
+                      "the checkpoint) or None (the model's own) [Automatic].", kind=str)
+
+    @classmethod
+    def read(cls, params):
+        # written from the VAE that ran (its file name, as A1111), with `VAE hash`
+        return {"vae": params["VAE"]} if params.get("VAE") else {}
+
+
 PARTS = {"prompt": PromptPart, "sampling": SamplingPart, "seeds": SeedPart, "init": InitPart, "hires": HiresPart,
          "refiner": RefinerPart, "sdxl": SdxlPart, "tiling": TilingPart, "controlnet": ControlNetPart,
-         "faces": FacesPart}
+         "faces": FacesPart, "vae": VaePart}
 
 
 # ---------------------------------------------------------------------------------------- request
@@ -457,6 +470,7 @@ class GenerationRequest:
     tiling: TilingPart = field(default_factory=TilingPart)
     controlnet: ControlNetPart = field(default_factory=ControlNetPart)
     faces: FacesPart = field(default_factory=FacesPart)
+    vae: VaePart = field(default_factory=VaePart)
 
     @staticmethod
     def fields():
@@ -539,8 +553,8 @@ class GenerationRequest:
     def infotext_params(self, plan, facts=None):
         """The infotext's {key: value} for every image of the job (Seed and Variation seed are per image).
 
-        facts: what the model side knows ("Model hash", "Model", "Lora hashes", "TI hashes", "Refiner",
-        "Precision": the UNet's precision when not fp32)."""
+        facts: what the model side knows ("Model hash", "Model", "VAE hash", "VAE", "Lora hashes", "TI hashes",
+        "Refiner", "Precision": the UNet's precision when not fp32)."""
         facts = facts or {}
         hr, init = plan.hires, plan.init
         # known keys are put in A1111's order by the formatter; the others keep this order (as before the
@@ -548,6 +562,7 @@ class GenerationRequest:
         tiling = self.tiling.params()
         return {**self.sampling.params(plan), **self.prompt.params(plan),
                 "Model hash": facts.get("Model hash"), "Model": facts.get("Model"),
+                "VAE hash": facts.get("VAE hash"), "VAE": facts.get("VAE"),
                 "Denoising strength": init.strength if init else (hr.denoising if hr else None),
                 "Lora hashes": facts.get("Lora hashes"), "TI hashes": facts.get("TI hashes"),
                 **self.prompt.emphasis_params(), **self.seeds.params(plan),
@@ -631,6 +646,8 @@ def _make_plan(request, manifest, model_sigmas):
     _check_sdxl(request.sdxl)
     _check_controlnet(request.controlnet, init)
     _check_faces(request.faces)
+    if request.vae.vae is not None and not isinstance(request.vae.vae, str):
+        raise ValueError(f"vae must be a file, a VAE's name, Automatic or None, got {request.vae.vae!r}")
     return Plan(width, height, (manifest.latent_channels, height // factor, width // factor), seed, subseed,
                 sampler, sigmas, init, hires, hires_sampler, hires_sigmas, _tiling(request.tiling))
 

@@ -91,6 +91,7 @@ SAMPLES = {
                                    guidance_end=0.8, control_mode="My prompt is more important"),), {}),
     "restore_faces": ("CodeFormer", {}),
     "codeformer_weight": (0.7, {"restore_faces": "CodeFormer"}),
+    "vae": ("vae-ft-mse.safetensors", {}),
 }
 
 # door -> field -> why that door cannot carry it
@@ -187,7 +188,8 @@ def infotext_door(name, settings, model):
     request = GenerationRequest.from_kwargs(**settings)
     plan = request.validate(load_manifest(model))
     refiner = settings.get("refiner")
-    facts = {"Model": "m", "Refiner": f"{Path(refiner).name} [0123456789]" if refiner else None}
+    facts = {"Model": "m", "Refiner": f"{Path(refiner).name} [0123456789]" if refiner else None,
+             "VAE": settings.get("vae")}  # the pipeline writes the name of the VAE it used
     return GenerationRequest.from_infotext(request.infotext(plan, facts=facts))
 
 

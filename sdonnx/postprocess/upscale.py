@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .models import ModelNotFound, find, scan
+from .models import ModelNotFound, NotConverted, find, scan
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,10 @@ class Upscalers:
     """The upscalers a session may use, by A1111's names: the built-in ones, then the models in the
     folders (converted, or waiting for a convert). Sessions are made on first use and kept."""
 
-    def __init__(self, folders, plan=None, tile=None, overlap=None):
+    def __init__(self, folders, plan=None, tile=None, overlap=None, cache=None):
         self.folders = [Path(f) for f in folders]
         self._plan, self.tile, self.overlap = plan, tile, overlap
+        self.cache = cache  # sdonnx.cache.ConversionCache (--data-dir): model files are converted on first use
         self._loaded = {}  # name -> ModelUpscaler (a cache: nothing a call asks for is kept for the next)
 
     def models(self):
@@ -260,12 +261,25 @@ class Upscalers:
         if name not in self._loaded:
             try:
                 found = find(self.folders, KIND, name, upscaler_name)
+            except NotConverted:
+                if self.cache is None:
+                    raise
+                found = self._convert_first(name)
             except ModelNotFound:  # (a file not converted yet raises NotConverted, with the command to run)
                 raise ValueError(f"unknown upscaler {name!r}; choose one of {', '.join(self.names())} "
                                  f"(models from {', '.join(str(f) for f in self.folders)})") from None
             self._loaded[name] = ModelUpscaler(name, found.folder, found.manifest, self._provider_plan(),
                                                self.tile, self.overlap)
         return self._loaded[name]
+
+    def _convert_first(self, name):
+        """A model file not converted yet -> its copy in the conversion cache (sdonnx/cache.py, made once)."""
+        from .manifest import load_postprocess_manifest
+        from .models import Found
+
+        source = next(m.source for m in self.models() if m.name == name)
+        folder = self.cache.get("postprocess", source)
+        return Found(name, KIND, folder=folder, manifest=load_postprocess_manifest(folder, KIND))
 
     def _provider_plan(self):
         if self._plan is None:

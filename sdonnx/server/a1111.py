@@ -79,6 +79,7 @@ OPTIONS = {
     "sdxl_refiner_low_aesthetic_score": ("negative_aesthetic_score", 2.5),
     "face_restoration_model": ("restore_faces", "CodeFormer"), "code_former_weight": ("codeformer_weight", 0.5),
     "face_restoration": ("restore_faces", False),
+    "sd_vae": ("vae", "Automatic"),
 }
 FACE_RESTORERS = ("CodeFormer", "GFPGAN")
 
@@ -254,6 +255,8 @@ def check_option(name, value):
     elif name == "code_former_weight" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                            or not 0 <= value <= 1):
         raise TranslationError(422, f"code_former_weight must be a number from 0 to 1, got {value!r}")
+    elif name == "sd_vae" and (not isinstance(value, str) or not value.strip()):
+        raise TranslationError(422, f"sd_vae must be a VAE's name, Automatic or None, got {value!r}")
     elif name == "emphasis" and value not in ("Original", "No norm", "None"):
         raise TranslationError(422, f"emphasis {value!r} is not one of Original, No norm, None")
     elif name in ("sigma_min", "sigma_max", "rho", "sdxl_refiner_high_aesthetic_score",
@@ -275,6 +278,8 @@ def _options(options, t):
             t.kwargs[name] = float(values[name])
     if values["emphasis"] != "Original":
         t.kwargs["emphasis"] = values["emphasis"]
+    if values["sd_vae"] not in ("Automatic", "auto"):
+        t.kwargs["vae"] = values["sd_vae"]
     if values["sdxl_crop_top"] or values["sdxl_crop_left"]:
         t.kwargs["crop_top_left"] = (values["sdxl_crop_top"], values["sdxl_crop_left"])
     for name in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):

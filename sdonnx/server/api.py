@@ -14,10 +14,12 @@ from .. import __version__, limits
 from ..image import read_infotext, save_png
 from ..img2img import LATENT_UPSCALERS
 from ..infotext import parse_infotext
+from ..pipeline import Interrupted
 from ..request import GenerationRequest
 from ..samplers import SAMPLER_INFO
 from ..schedules import DEFAULT_RHO, SCHEDULER_NAMES
-from .a1111 import OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras, translate
+from .a1111 import (NO_REFINER, OPTIONS, SAMPLER_NEUTRAL, TranslationError, check_option, drop_missing_loras,
+                    translate)
 from .codec import EncodedImage, decode_bytes, decode_image, encode_png, latent_preview
 from . import scripts
 from .extras import (ExtrasBatchImagesRequest, ExtrasSingleImageRequest, decode_images, html_info, ignored,
@@ -72,6 +74,7 @@ def build_router(state):
 
     @router.post("/txt2img")
     async def txt2img(req: Txt2ImgRequest, request: Request):
+        await _convert_first(state, req, request)
         plan = plan_generation(state, req, "txt2img")
         if req.script_name:
             return await _run_script(state, plan, req, request)
@@ -79,6 +82,7 @@ def build_router(state):
 
     @router.post("/img2img")
     async def img2img(req: Img2ImgRequest, request: Request):
+        await _convert_first(state, req, request)
         plan = plan_generation(state, req, "img2img")
         run = _run_script if req.script_name else _generate
         response = await run(state, plan, req, request)
@@ -188,7 +192,11 @@ def build_router(state):
         faces = state.face_restorers
         return [{"name": name, "cmd_dir": str(faces.folders[name])} for name in faces.installed()] if faces else []
 
-    for name in ("sd-vae", "sd-modules"):
+    @router.get("/sd-vae")
+    async def sd_vae():
+        return [{"model_name": name, "filename": str(path)} for name, path in state.store.vaes().items()]
+
+    for name in ("sd-modules",):
         router.add_api_route(f"/{name}", _empty_list, methods=["GET"])
     router.add_api_route("/scripts", _scripts, methods=["GET"])
     router.add_api_route("/script-info", _script_info, methods=["GET"])
@@ -312,6 +320,83 @@ def _without_missing_loras(kwargs, available, comments):
         comments.append(f"Lora not found: {', '.join(missing)}")
         log.warning("Lora not found: %s", ", ".join(missing))
     return restore
+
+
+async def _convert_first(state, req, request):
+    """A data folder's checkpoint (the model, or the refiner) that has no converted copy yet is converted by the
+    worker before the request is planned: one job, shown in /progress with its stages, behind the jobs already
+    queued (the conversion's memory and cores are the device's too). Other routes keep answering meanwhile:
+    the conversion runs in a child process and the worker's thread only relays its progress."""
+    names = [(req.override_settings or {}).get("sd_model_checkpoint")]
+    if getattr(req, "refiner_checkpoint", None) not in NO_REFINER:
+        names.append(req.refiner_checkpoint)
+    for i, name in enumerate(names):
+        entry = _model_for(state, name) if i == 0 else _find(state, name)
+        if entry is None or entry.manifest is not None:
+            continue
+        try:
+            job = state.worker.submit(lambda job, _, entry=entry: _convert_job(job, state.store, entry), "convert",
+                                      task_id=req.force_task_id if i == 0 else None)
+        except QueueFull as e:
+            raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+        await _wait(job, request)
+    await _convert_vae_first(state, req, request, _model_for(state, names[0]))
+
+
+async def _convert_vae_first(state, req, request, entry):
+    """The VAE the request selects (sd_vae) when it has no converted copy yet: refused (422) when it cannot decode
+    the model's latents, else converted as a job /progress shows, before the generation queues."""
+    from ..cache import entry_source
+    from ..datadir import model_cache
+    from ..vae import check_space, find_vae_file, load_external_vae, vae_family
+
+    value = (req.override_settings or {}).get("sd_vae", state.options.get("sd_vae"))
+    try:
+        found = find_vae_file(value, entry_source(entry.path), state.store.data)
+        if found is None:
+            return
+        path, beside = found
+        family = vae_family(path, entry.manifest.family if beside else None)
+        check_space(family, path.name, entry.manifest)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
+    cache = model_cache(state.store.data)
+    if cache.find("vae", path, {"family": family}) is not None:
+        return
+
+    def convert(job, _):
+        def progress(p):
+            job.message = p.message
+            job.callback(p.done, p.total) if p.total else job.callback(job.step, job.steps)
+        try:
+            load_external_vae(path, entry.manifest, state.store.data, beside, progress)
+        except Interrupted:
+            raise ApiError(409, f"converting {path.name} was interrupted") from None
+
+    try:
+        job = state.worker.submit(convert, "convert")
+    except QueueFull as e:
+        raise ApiError(503, str(e), {"Retry-After": "10"}) from None
+    await _wait(job, request)
+
+
+def _find(state, name):
+    try:
+        return state.store.find(name)
+    except UnknownModel:
+        return None  # the translation names it
+
+
+def _convert_job(job, store, entry):
+    """Worker side of a conversion: its stages become the job's steps; /interrupt stops it (no entry is left)."""
+    def progress(p):
+        job.message = p.message
+        job.callback(p.done, p.total) if p.total else job.callback(job.step, job.steps)
+
+    try:
+        return store.convert(entry, progress)
+    except Interrupted:
+        raise ApiError(409, f"converting {entry.checkpoint.name} was interrupted") from None
 
 
 def _model_for(state, name):
@@ -483,7 +568,8 @@ def _info(plan, req, outcome, job):
         "scheduler": kw["scheduler"], "cfg_scale": kw["cfg_scale"], "steps": kw["steps"],
         "batch_size": plan.batch_size, "restore_faces": bool(kw.get("restore_faces")),
         "face_restoration_model": kw.get("restore_faces"),
-        "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_name": m.name, "sd_model_hash": m.model_hash, "sd_vae_name": params.get("VAE"),
+        "sd_vae_hash": params.get("VAE hash"),
         "seed_resize_from_w": kw.get("seed_resize_from_w", -1), "seed_resize_from_h": kw.get("seed_resize_from_h", -1),
         "denoising_strength": kw.get("strength", kw.get("hires_denoising")),
         "extra_generation_params": _extra_params(params), "index_of_first_image": 0, "infotexts": outcome["infotexts"],
@@ -497,7 +583,7 @@ def _info(plan, req, outcome, job):
 
 def _extra_params(params):
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "Version",
-             "Clip skip"}
+             "Clip skip", "VAE", "VAE hash"}
     return {k: v for k, v in params.items() if k not in known and isinstance(v, (str, int, float, bool))}
 
 
@@ -522,7 +608,8 @@ def progress_report(worker, skip_current_image=False):
         preview = latent_preview(job.latents)
         image = encode_png(preview) if preview is not None else None
     return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": state,
-            "current_image": image, "textinfo": f"Step {job.step}/{job.steps}" if job.steps else "Starting",
+            "current_image": image,
+            "textinfo": job.message or (f"Step {job.step}/{job.steps}" if job.steps else "Starting"),
             "current_task": job.id, "queue_pending": worker.pending}
 
 

@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from .. import __version__, limits
+from ..datadir import DataDir, model_cache
 from ..image import check_writable
 from ..postprocess.faces import FaceRestorers, face_folders
 from ..postprocess.upscale import Upscalers, upscaler_folders
@@ -34,7 +35,8 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
                cors_allow_origins=(),
                cors_allow_origins_regex=None, max_body_bytes=DEFAULT_MAX_BODY_BYTES, lora_dirs=(),
                embedding_dirs=(), hypernetwork_dirs=(), outdir=None, load_pipeline=None,
-               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=(), face_dirs=None):
+               max_queue=limits.MAX_QUEUED_JOBS, upscaler_dirs=None, controlnet_dirs=(), face_dirs=None,
+               data_dir=None):
     """A FastAPI app serving A1111's /sdapi/v1 routes and the web page at /.
 
     models: a model folder, a folder of model folders, or a list of those. api_auth: "user:pass[,user2:pass2]"
@@ -42,19 +44,23 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
     in `precision` (a load option for every model served: runtime/precision.py says why not per request).
     max_queue: generation requests waiting behind the running one before new ones are refused (503).
     upscaler_dirs: where hires fix and the Extras routes find upscaler models (default A1111's ESRGAN,
-    RealESRGAN and SwinIR folders under each models folder given).
+    RealESRGAN and SwinIR folders under each models folder given, and the data folder's models/).
     face_dirs: {"gfpgan_dir": ..., "codeformer_dir": ...} for restore_faces (default the GFPGAN and Codeformer
-    folders under the first models folder given).
+    folders under the first models folder given, else the data folder's).
+    data_dir: an A1111 data folder (datadir.DataDir or a path): its checkpoints are listed and converted on their
+    first request, its VAEs offered, its styles.csv read.
     """
     if outdir:  # found now, not when the first request's images are lost
         check_writable(outdir)
-    sources = [models] if isinstance(models, (str, Path)) else list(models)
-    store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs, controlnet_dirs)
-    # restore_faces: A1111's GFPGAN and Codeformer folders under the first models folder unless given
-    faces = face_folders(**(face_dirs or {"gfpgan_dir": Path(sources[0]) / "GFPGAN",
-                                          "codeformer_dir": Path(sources[0]) / "Codeformer"}))
+    sources = [models] if isinstance(models, (str, Path)) else list(models or ())
+    data_dir = DataDir.from_option(data_dir) if data_dir is not None else None
+    store = ModelStore(sources, lora_dirs, embedding_dirs, hypernetwork_dirs, controlnet_dirs, data=data_dir)
+    # restore_faces: A1111's GFPGAN and Codeformer folders under the first models folder (or the data folder's)
+    faces_root = data_dir.root / "models" if data_dir is not None else Path(sources[0]) if sources else Path("models")
+    faces = face_folders(**(face_dirs or {"gfpgan_dir": faces_root / "GFPGAN", "codeformer_dir": faces_root / "Codeformer"}))
     upscaler_dirs = list(upscaler_dirs if upscaler_dirs is not None else
-                         [d for s in sources for d in upscaler_folders(s)])
+                         [d for s in [*sources, *([data_dir.root / "models"] if data_dir else [])]
+                          for d in upscaler_folders(s)])
     provider_plan = None
     if load_pipeline is None:
         from ..pipeline import Pipeline
@@ -76,11 +82,12 @@ def create_app(models, *, provider="auto", device_id=0, device=None, precision=N
             return Pipeline.load(path, provider=provider, device_id=device_id, device=device, precision=precision,
                                  lora_dir=store.lora_dir, embeddings_dir=store.embeddings_dir,
                                  hypernetwork_dir=store.hypernetwork_dir, upscaler_dirs=upscaler_dirs,
-                                 controlnet_dir=store.controlnet_dirs,
+                                 controlnet_dir=store.controlnet_dirs, data_dir=store.data,
                                  face_dirs={"gfpgan_dir": faces["GFPGAN"], "codeformer_dir": faces["CodeFormer"]})
 
     state = ServerState(store, Worker(load_pipeline, max_queue), Path(outdir) if outdir else None,
-                        upscalers=Upscalers(upscaler_dirs, provider_plan),
+                        upscalers=Upscalers(upscaler_dirs, provider_plan,
+                                            cache=model_cache(data_dir) if data_dir is not None else None),
                         face_restorers=FaceRestorers(faces, provider_plan))
 
     @asynccontextmanager

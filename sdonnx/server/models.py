@@ -38,13 +38,46 @@ class ModelEntry:
         return {"title": self.title, "model_name": self.name, "hash": self.model_hash, "sha256": None,
                 "filename": str(self.path), "config": None}
 
+    def names(self):
+        return {self.title, self.name, self.model_hash, str(self.path)} - {None}
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """A checkpoint of the data folder (--data-dir), listed as A1111 lists it; converted on its first request
+    (path and manifest are None until then)."""
+
+    checkpoint: object  # datadir.Checkpoint
+    path: Path | None = None
+    manifest: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self):
+        return self.checkpoint.stem  # A1111's sd_model_name
+
+    @property
+    def model_hash(self):
+        known = self.checkpoint.cached_sha256
+        return known[:10] if known else self.manifest.model_hash if self.manifest else None
+
+    @property
+    def title(self):
+        return self.checkpoint.title
+
+    def as_a1111(self):
+        return self.checkpoint.as_a1111()
+
+    def names(self):
+        return self.checkpoint.names() | {self.title}
+
 
 class ModelStore:
     """Model folders under the given paths (a model folder, or a folder of model folders), rescanned on refresh."""
 
-    def __init__(self, sources, lora_dirs=(), embedding_dirs=(), hypernetwork_dirs=(), controlnet_dirs=()):
+    def __init__(self, sources, lora_dirs=(), embedding_dirs=(), hypernetwork_dirs=(), controlnet_dirs=(), data=None):
         self.sources = [Path(s) for s in sources]
         self.controlnet_dirs = [Path(d) for d in controlnet_dirs]  # every one is searched, in order
+        self.data = data  # datadir.DataDir: its checkpoints (converted on first use), VAEs and styles.csv
         self.lora_dirs = [Path(d) for d in lora_dirs]
         self.embedding_dirs = [Path(d) for d in embedding_dirs]
         self.hypernetwork_dirs = [Path(d) for d in hypernetwork_dirs]
@@ -71,17 +104,58 @@ class ModelStore:
                     found.append(ModelEntry(folder.name, folder, load_manifest(folder)))
                 except ManifestError as e:
                     log.warning("skipping %s: %s", folder, e)
+        found += self._checkpoints()
         with self._lock:
             self._models = found
-            titles = {m.title for m in found}
-            if self.current is None or self.current.title not in titles:
-                self.current = found[0] if found else None
+            same = [m for m in found if self.current is not None and m.title == self.current.title]
+            self.current = same[0] if same else found[0] if found else None
         return found
 
+    def _checkpoints(self):
+        """The data folder's checkpoints, each with its converted folder when the cache holds one."""
+        if self.data is None:
+            return []
+        from ..datadir import cached_checkpoint, model_cache
+
+        cache, out = model_cache(self.data), []
+        for ckpt in self.data.checkpoints():
+            folder = cached_checkpoint(ckpt, cache)
+            out.append(self._checkpoint_entry(ckpt, folder))
+        return out
+
+    @staticmethod
+    def _checkpoint_entry(ckpt, folder):
+        try:
+            return CheckpointEntry(ckpt, folder, load_manifest(folder)) if folder else CheckpointEntry(ckpt)
+        except ManifestError as e:
+            log.warning("%s: its converted copy %s is unusable (%s); it is converted again on first use", ckpt.path,
+                        folder, e)
+            return CheckpointEntry(ckpt)
+
+    def convert(self, entry, progress=None):
+        """Convert a listed checkpoint (the worker runs this: it takes minutes) -> its entry with the model
+        folder; the list and the current model follow."""
+        from ..datadir import convert_checkpoint, model_cache
+
+        folder = convert_checkpoint(entry.checkpoint, model_cache(self.data), progress)
+        converted = self._checkpoint_entry(entry.checkpoint, folder)
+        if converted.manifest is None:
+            raise ManifestError(f"the converted copy of {entry.checkpoint.path} does not load")
+        with self._lock:
+            self._models = [converted if getattr(m, "checkpoint", None) == entry.checkpoint else m
+                            for m in self._models]
+            if self.current is not None and getattr(self.current, "checkpoint", None) == entry.checkpoint:
+                self.current = converted
+        return converted
+
+    def vaes(self):
+        """{name: path} of the VAEs the data folder offers (A1111's sd_vae names)."""
+        return self.data.vaes() if self.data is not None else {}
+
     def find(self, name):
-        """A model by A1111 title, folder name, hash or path."""
+        """A model by A1111 title, folder name, hash or path (a data folder's checkpoints by any A1111 id)."""
         for m in self.models:
-            if name in (m.title, m.name, m.model_hash, str(m.path)):
+            if name in m.names():
                 return m
         choices = ", ".join(m.title for m in self.models) or "none (check the models folder)"
         raise UnknownModel(f"model {name!r} not found; available: {choices}")
@@ -124,7 +198,8 @@ class ModelStore:
         """A1111's prompt styles: {name: (prompt, negative prompt)} from styles.csv in the models folders,
         read on every call (A1111 reloads the file too); the first definition of a name wins."""
         found = {}
-        for source in self.sources:
+        roots = self.sources + ([self.data.root] if self.data is not None else [])
+        for source in roots:
             path = source / STYLES_NAME
             if path.is_file():
                 for row in _read_styles(path):

@@ -41,6 +41,7 @@ class Job:
         self.timestamp = time.strftime("%Y%m%d%H%M%S")
         self.latents = None
         self.release = False  # drop the Pipeline after this job (Worker.submit)
+        self.message = None  # what the job does when it is not sampling (a conversion's stage), for /progress
 
     def callback(self, step, total):
         self.step, self.steps = step, total

@@ -54,9 +54,10 @@ function fillSelect(select, items, value, label) {
 
 async function loadLists() {
   const paths = ["/samplers", "/schedulers", "/sd-models", "/options", "/loras", "/embeddings", "/prompt-styles",
-                 "/latent-upscale-modes", "/upscalers", "/hypernetworks"];
-  const [samplers, schedulers, models, options, loras, embeddings, styles, latentModes, upscalers, hypernets] =
+                 "/latent-upscale-modes", "/upscalers", "/hypernetworks", "/sd-vae"];
+  const [samplers, schedulers, models, options, loras, embeddings, styles, latentModes, upscalers, hypernets, vaes] =
     await Promise.all(paths.map((p) => api(p)));
+  showVaes(vaes, options);
   fillSelect($("sampler_name"), samplers, (s) => s.name);
   $("sampler_name").value = "Euler a";
   fillSelect($("hr_sampler_name"), samplers, (s) => s.name);
@@ -112,6 +113,13 @@ function showModels(models, options) {
   $("model").value = options.sd_model_checkpoint || "";
   $("refiner_checkpoint").replaceChildren(new Option("None", ""));
   fillSelect($("refiner_checkpoint"), models, (m) => m.title);
+}
+
+function showVaes(vaes, options) {
+  // A1111's choices: Automatic, None, then the VAE files by name
+  $("sd_vae").replaceChildren(new Option("Automatic"), new Option("None"));
+  fillSelect($("sd_vae"), vaes, (v) => v.model_name);
+  $("sd_vae").value = options.sd_vae || "Automatic";
 }
 
 function mode() {
@@ -470,10 +478,19 @@ function wire() {
       setStatus(e.message, true);
     }
   };
+  $("sd_vae").onchange = async () => {
+    try {
+      await api("/options", {sd_vae: $("sd_vae").value});
+      setStatus(`VAE: ${$("sd_vae").value}`);
+    } catch (e) {
+      setStatus(e.message, true);
+    }
+  };
   $("refresh").onclick = async () => {
     await api("/refresh-checkpoints", {});
-    const [models, options] = await Promise.all([api("/sd-models"), api("/options")]);
+    const [models, options, vaes] = await Promise.all([api("/sd-models"), api("/options"), api("/sd-vae")]);
     showModels(models, options);
+    showVaes(vaes, options);
   };
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.onchange = showMode;
   for (const tab of document.querySelectorAll(".tab")) tab.onclick = () => showTab(tab.dataset.tab);
