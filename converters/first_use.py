@@ -42,6 +42,14 @@ def vae(source, out, options, report):
     convert_vae(Path(source), Path(out), options, report)
 
 
+def controlnet(source, out, options, report):
+    """A ControlNet file from models/ControlNet (any layout converters/controlnet.py reads) -> its folder."""
+    from .controlnet import convert_controlnet
+
+    stages = iter(range(1, 100))
+    convert_controlnet(source, out, report=lambda message: report(message, next(stages), 0))
+
+
 def postprocess(source, out, options, report):
     """An upscaler or face-restoration model file (models/ESRGAN, RealESRGAN, SwinIR, GFPGAN, Codeformer) -> its
     converted folder (converters/postprocess: graph + post-processing manifest)."""

@@ -57,7 +57,8 @@ class Kind:
 KINDS = {
     "checkpoint": Kind("checkpoint", "converters.first_use:checkpoint", 1, "", "sdonnx.json", 120.0),
     "vae": Kind("vae", "converters.first_use:vae", 1, "VAE", "vae.json", 60.0, named=False),
-    # upscalers and face restorers (sdonnx/postprocess): ready for their model lookup to convert on first use
+    "controlnet": Kind("controlnet", "converters.first_use:controlnet", 1, "ControlNet", "sdonnx.json", 60.0),
+    # upscalers (sdonnx/postprocess/upscale.py Upscalers) and, once their lookup takes a cache, face restorers
     "postprocess": Kind("postprocess", "converters.first_use:postprocess", 1, "postprocess", "sdonnx.json", 60.0,
                         modules=("torch", "converters")),
 }

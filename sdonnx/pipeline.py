@@ -106,7 +106,8 @@ class Pipeline:
         self.upscalers = Upscalers(upscaler_dirs or upscaler_folders(DEFAULT_MODELS_ROOT), plan,
                                    cache=_model_cache(data))
         folders = controlnet_dir if isinstance(controlnet_dir, (list, tuple)) else (controlnet_dir,)
-        self.controlnet_library = Library(tuple(Path(f) for f in folders if f) or (DEFAULT_CONTROLNET_DIR,))
+        self.controlnet_library = Library(tuple(Path(f) for f in folders if f) or (DEFAULT_CONTROLNET_DIR,),
+                                          cache=_model_cache(data))
         self._controlnets = {}  # resolved ControlNet folder -> ControlNetModel (its session made on first use)
         # restore faces: {"GFPGAN": folder, "CodeFormer": folder} (A1111's models/GFPGAN, models/Codeformer)
         from .postprocess.faces import face_folders

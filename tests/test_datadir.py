@@ -316,6 +316,32 @@ def test_an_upscaler_file_in_the_data_folder_converts_on_first_use(tree):
     assert again.folder == entry.path and entry.path.stat().st_mtime_ns == made
 
 
+def test_a_controlnet_file_in_the_data_folder_converts_on_first_use(tree):
+    """models/ControlNet/control_tiny.pth (original layout), not converted: with the data folder a unit naming it
+    has it converted once into the cache; without one, the message says how to convert it, as before."""
+    import tiny_controlnet
+    from PIL import Image
+    from tiny_models import make_pipeline
+
+    from sdonnx import Pipeline
+    from sdonnx.controlnet.model import ControlNetError, Library
+    from sdonnx.datadir import model_cache
+
+    folder = tree / "models" / "ControlNet"
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_controlnet.save(tiny_controlnet.make(make_pipeline("sd1").unet, seed=3), folder / "control_tiny.pth",
+                         "original")
+    with pytest.raises(ControlNetError, match="is not converted yet"):
+        Library((folder,)).find("control_tiny")
+    pipe = Pipeline.load("tiny15", provider="cpu", data_dir=tree)
+    hint = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
+    result = pipe.generate("a cat", steps=2, width=64, height=64, seed=1,
+                           controlnet=[dict(model="control_tiny", image=hint, weight=0.8)])
+    (entry,) = [e for e in _entries(tree) if e.kind == "controlnet"]
+    assert Library((folder,), cache=model_cache(DataDir(tree))).find("control_tiny") == entry.path
+    assert "ControlNet 0: " in result.infotext and "control_tiny" in result.infotext
+
+
 # ------------------------------------------------------------------------------------------ the server
 
 V_CONFIG = ("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n"

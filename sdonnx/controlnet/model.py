@@ -190,6 +190,7 @@ class Library:
     "name [hash]" as the extension lists them; a unit may also name a folder path."""
 
     folders: tuple
+    cache: object = None  # sdonnx.cache.ConversionCache (--data-dir): ControlNet files are converted on first use
 
     def models(self):
         """{name: folder} of the converted ControlNets found, sorted by name (first folder wins)."""
@@ -224,14 +225,21 @@ class Library:
         for candidate in (text, bare, Path(bare).stem):
             if candidate in models:
                 return models[candidate]
+        source = self._unconverted(bare)
+        if source is not None and self.cache is not None:
+            return self.cache.get("controlnet", source)
         raise ControlNetError(self._not_found(text, bare, models))
+
+    def _unconverted(self, bare):
+        """The ControlNet file of that name not converted yet (models/ControlNet/NAME.pth, ...), or None."""
+        found = [p for root in self.folders if Path(root).is_dir() for p in sorted(Path(root).iterdir())
+                 if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES and p.stem == Path(bare).stem]
+        return found[0] if found else None
 
     def _not_found(self, text, bare, models):
         where = ", ".join(str(f) for f in self.folders) or "no folder"
-        unconverted = [p for root in self.folders if Path(root).is_dir() for p in sorted(Path(root).iterdir())
-                       if p.is_file() and p.suffix.lower() in SOURCE_SUFFIXES and p.stem == Path(bare).stem]
-        if unconverted:
-            src = unconverted[0]
+        src = self._unconverted(bare)
+        if src is not None:
             return (f"ControlNet {text!r}: {src} is not converted yet; run `sdonnx convert {src} -o "
                     f"{src.with_suffix('')}` once")
         listed = ", ".join(models) if models else "none converted"
