@@ -205,7 +205,7 @@ def _all_images(results):
 def prompt_lines(script_args, request, kept_random_seed, find_model):
     """A1111's "Prompts from file or textbox": one cell per line (sdonnx.jobs.parse_prompts_file), the line's
     prompt put at the start (or end) of the request's, seeds iterated or shared as its two checkboxes say."""
-    from ..jobs import parse_prompts_file
+    from ..jobs import line_requests, parse_prompts_file
 
     args = named_args(FROM_FILE, script_args, FROM_FILE_ARGS, FROM_FILE_ARGS_OLD)
     iterate = _flag(FROM_FILE, "checkbox_iterate", args.get("checkbox_iterate", False))
@@ -222,31 +222,14 @@ def prompt_lines(script_args, request, kept_random_seed, find_model):
     if len(lines) > limits.MAX_PLOT_CELLS:
         raise limits.LimitError(f"{FROM_FILE}: {len(lines)} lines are over the limit of {limits.MAX_PLOT_CELLS}")
     # A1111 keeps seed -1 (a new random seed per line) unless a checkbox asks to start from one seed
-    random_lines = kept_random_seed and not (iterate or same_seed)
-    seed, cells = request.seeds.seed, []
-    for i, line in enumerate(lines):
-        settings = dict(line.settings)
-        model = find_model(settings.pop("model")) if "model" in settings else None
-        settings = _joined_prompts(settings, request, position)
-        settings.setdefault("seed", random_seed() if random_lines else seed)
-        cell = Cell(i, 0, 0, request.replace(**settings), model)
-        cells.append(cell)
-        if iterate:
-            p = cell.request.prompt
-            seed += p.batch_size * p.batch_count
+    base = request.replace(seed=-1) if kept_random_seed and not (iterate or same_seed) else request
+    pairs = line_requests(lines, base, position=position, iterate_seed=iterate, same_seed=same_seed)
+    cells = []
+    for i, (line_request, model) in enumerate(pairs):
+        if line_request.seeds.seed == -1:
+            line_request = line_request.replace(seed=random_seed())
+        cells.append(Cell(i, 0, 0, line_request, find_model(model) if model is not None else None))
     return cells
-
-
-def _joined_prompts(settings, request, position):
-    """A1111 1.10: a line's prompt goes before (start) or after (end) the request's own, joined by a space."""
-    for key in ("prompt", "negative_prompt"):
-        base = getattr(request.prompt, key)
-        if settings.get(key) and base:
-            settings[key] = f"{settings[key]} {base}" if position == "start" else f"{base} {settings[key]}"
-    return settings
-
-
-# ---------------------------------------------------------------------------------------------- running
 
 
 def run_script_job(job, pipeline_for, plan, entry_for):
