@@ -101,8 +101,7 @@ def test_axis_types_follow_a1111_indices_and_names():
 
 @pytest.mark.parametrize("name, mode, words", [
     ("Bogus", "txt2img", ["unknown axis type 'Bogus'", "Steps", "Prompt S/R", "Checkpoint name"]),
-    ("Face restore", "txt2img", ["no face restoration", "valid: Nothing, Seed"]),
-    ("VAE", "txt2img", ["VAE", "not a request setting"]),
+    ("Token merging ratio", "txt2img", ["token merging", "valid: Nothing, Seed"]),
     ("Hires steps", "img2img", ["unknown axis type", "for img2img"]),
     (6, "img2img", ["instruct-pix2pix"]),
     (43, "txt2img", ["outside A1111's txt2img list (0-42)"]),
@@ -134,6 +133,22 @@ def test_hires_upscaler_models_found_are_choices():
     assert axis.values == ("Latent (bicubic)", "Lanczos", "R-ESRGAN 4x+")
     with pytest.raises(ValueError, match="'4x-Other' is not one of .*4x-UltraSharp, R-ESRGAN 4x\\+"):
         parse_axis("Hires upscaler", "4x-Other", context)
+
+
+def test_face_restore_and_vae_axes_set_their_request_fields(tmp_path):
+    vae_file = tmp_path / "mine.vae.safetensors"
+    vae_file.write_bytes(b"")
+    ctx = Context(vaes=("sdxl_vae.safetensors",))
+    plot = XYZPlot(parse_axis("Face restore", "CodeFormer, gfpgan, false, yes", ctx),
+                   parse_axis("VAE", f"Automatic, None, sdxl_vae.safetensors, {vae_file}", ctx))
+    cells = expand(plot, _request(), ctx)
+    assert [c.request.faces.restore_faces for c in cells[:4]] == ["CodeFormer", "GFPGAN", None, "CodeFormer"]
+    assert [cells[4 * i].request.vae.vae for i in range(4)] == ["Automatic", "None", "sdxl_vae.safetensors",
+                                                               str(vae_file)]
+    with pytest.raises(ValueError, match="'maybe' is not one of CodeFormer, GFPGAN"):
+        parse_axis("Face restore", "maybe", ctx)
+    with pytest.raises(ValueError, match="'other.pt' is neither a file nor one of Automatic, None, sdxl_vae"):
+        parse_axis("VAE", "other.pt", ctx)
 
 
 def _request(**kw):

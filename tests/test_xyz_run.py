@@ -63,7 +63,7 @@ def test_cli_xyz_grid_cells_and_infotext(model, pipe, tmp_path):
 
 def test_cli_bad_axes_fail_before_any_image(model, tmp_path):
     for args, words in ((["--x", "Sampler: Euler a, Eulr"], "unknown sampler 'Eulr'"),
-                        (["--x", "Face restore: true"], "no face restoration"),
+                        (["--x", "Face restore: maybe"], "'maybe' is not one of CodeFormer"),
                         (["--x", "Steps 10"], "give TYPE: VALUES"),
                         (["--x", "Prompt S/R: dog, cat"], "did not find 'dog'"),
                         (["--x", "Checkpoint name: nope"], "'nope' not found"),
@@ -158,7 +158,7 @@ def test_api_script_args_by_name_and_prompt_matrix(client):
 @pytest.mark.parametrize("script, args, words", [
     ("X/Y/Z plot", [43, "1"], ["outside A1111's txt2img list"]),
     ("X/Y/Z plot", ["Sampler", "Eulr"], ["unknown sampler 'Eulr'", "DPM++ 2M"]),
-    ("X/Y/Z plot", ["Face restore", "true"], ["no face restoration"]),
+    ("X/Y/Z plot", ["Face restore", "maybe"], ["'maybe' is not one of CodeFormer, GFPGAN"]),
     ("X/Y/Z plot", ["Checkpoint name", "nope"], ["'nope' not found", "tiny-sd1"]),
     ("X/Y/Z plot", {"x_typo": 1}, ["unknown script_args x_typo"]),
     ("X/Y/Z plot", ["Steps", "1-40", [], "CFG Scale", "1-40"], ["over the limit of 1000"]),

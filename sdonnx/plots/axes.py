@@ -51,6 +51,7 @@ class Context:
     find_model: Callable = None
     model_choices: tuple = ()
     upscalers: tuple = ()
+    vaes: tuple = ()  # the VAE names a data folder offers (A1111's sd_vae choices besides Automatic and None)
 
     def model(self, name, what):
         if self.find_model is None:
@@ -177,6 +178,30 @@ def _zero_is_none(value):
     return value or None
 
 
+# A1111's Face restore axis: a model's name turns restoring on with that model, a yes/no word turns it on (with
+# A1111's default model, CodeFormer) or off
+FACE_RESTORE_VALUES = {"codeformer": "CodeFormer", "gfpgan": "GFPGAN", "true": "CodeFormer", "yes": "CodeFormer",
+                       "y": "CodeFormer", "1": "CodeFormer", "false": None, "no": None, "n": None, "0": None,
+                       "none": None}
+
+
+def _face_restore(value):
+    try:
+        return FACE_RESTORE_VALUES[str(value).strip().lower()]
+    except KeyError:
+        raise ValueError(f"{value!r} is not one of CodeFormer, GFPGAN, True, False, None") from None
+
+
+def _vae_choices(context):
+    return ["Automatic", "None", *context.vaes]
+
+
+def _check_vae(value, context):
+    # a file path is a VAE too (--vae FILE); names are checked against what the data folder offers
+    if value not in _vae_choices(context) and not os.path.isfile(value):
+        raise ValueError(f"VAE {value!r} is neither a file nor one of {', '.join(_vae_choices(context))}")
+
+
 def _rng(value):
     from ..server.a1111 import RNG_SOURCES
 
@@ -216,7 +241,8 @@ def _check_schedule(value, context):
     resolve("Euler", value)
 
 
-CHECKS = {"Sampler": _check_sampler, "Hires sampler": _check_sampler, "Schedule type": _check_schedule}
+CHECKS = {"Sampler": _check_sampler, "Hires sampler": _check_sampler, "Schedule type": _check_schedule,
+          "VAE": _check_vae, "Face restore": lambda value, context: _face_restore(value)}
 # their values are checked when applied (a model or style lookup), not against a list
 _CHECKED_WHEN_APPLIED = ("Checkpoint name", "Refiner checkpoint", "Styles")
 
@@ -266,10 +292,10 @@ AXIS_TYPES = (
     _t("Extra noise", float, unsupported="img2img_extra_noise " + _OPTION),
     _t("Hires upscaler", str, _fields("hires_upscaler"), choices=_upscalers, modes=("txt2img",)),
     _t("Cond. Image Mask Weight", float, modes=("img2img",), unsupported="inpainting_mask_weight " + _OPTION),
-    _t("VAE", str, cost=0.7, unsupported="a separate VAE is not a request setting yet (the model's own VAE runs)"),
+    _t("VAE", str, _fields("vae"), cost=0.7, choices=_vae_choices),
     _t("Styles", str, _styles, choices=lambda context: list(context.styles)),
     _t("UniPC Order", int, cost=0.5, unsupported="A1111's global UniPC order: use --sampler-option order=N"),
-    _t("Face restore", str, unsupported="no face restoration models in sdonnx yet"),
+    _t("Face restore", str, _fields("restore_faces", convert=_face_restore), fmt="value"),
     _t("Token merging ratio", float, unsupported="token merging is not implemented"),
     _t("Token merging ratio high-res", float, unsupported="token merging is not implemented"),
     _t("Always discard next-to-last sigma", str, unsupported="always_discard_next_to_last_sigma " + _OPTION),

@@ -284,7 +284,8 @@ def info_fields(result):
 def context_for(store, mode, upscalers=None):
     """The axis context of a served request: its mode, the served styles, models and upscaler models."""
     names = tuple(m.name for m in upscalers.models()) if upscalers is not None else ()
-    return Context(mode, store.styles(), store.find, tuple(m.title for m in store.models), names)
+    return Context(mode, store.styles(), store.find, tuple(m.title for m in store.models), names,
+                   tuple(store.vaes()))
 
 
 def base_request(kwargs, seed, batch_size, batch_count):
