@@ -271,8 +271,8 @@ def plan_generation(state, req, mode):
 
 def _check_hires_upscaler(state, kwargs):
     """A hires upscaler model must be installed and converted (422 naming the choices or the convert command)."""
-    name = kwargs.get("hires_upscaler")
-    if kwargs.get("hires") and name not in LATENT_UPSCALERS and state.upscalers is not None:
+    name = kwargs.get("hires_upscaler")  # absent (e.g. an infotext without the key): the request's Latent
+    if kwargs.get("hires") and name is not None and name not in LATENT_UPSCALERS and state.upscalers is not None:
         try:
             state.upscalers.get(name)
         except ValueError as e:
