@@ -223,3 +223,12 @@ def test_providers_command_reports_cpu_features():
     assert lines[2] == "openvino CPU capabilities: BF16, FP32, INT8"
     assert list(cpu_lines(False, frozenset()))[:2] == ["cpu features: unknown (no /proc/cpuinfo)",
                                                        lines[1].replace("fp32, bf16, int8", "fp32")]
+
+
+def test_server_refuses_at_start_a_precision_a_model_cannot_run(tiny_onnx):
+    pytest.importorskip("fastapi")
+    from sdonnx.server import create_app
+
+    with pytest.raises(ValueError, match=r"model model: precision int8 cannot run here: the model has no int8 UNet"):
+        create_app(tiny_onnx("sd1"), provider="cpu", precision="int8")
+    assert create_app(tiny_onnx("sd1"), provider="cpu", precision="fp32") is not None
