@@ -150,7 +150,7 @@ class ConversionCache:
                       "mtime": stat.st_mtime, "converter": kind.converter, "version": kind.version,
                       "options": options, "sdonnx": __version__, "created": time.time(), "seconds": round(seconds, 1)}
             (out / RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
-            os.rename(out, path)  # atomic on one file system: the entry appears whole or not at all
+            _publish(out, path, kind)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self._learn(kind, size, seconds)
@@ -338,8 +338,8 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
-        # closing releases the lock. The file stays: unlinking it would let a waiter lock the old file while a
-        # newcomer locks a new one of the same name (`sdonnx cache prune` removes lock files no one holds)
+        # closing releases the lock. The (empty) file stays: unlinking it would let a waiter lock the old file
+        # while a newcomer locks a new one of the same name
         self.file.close()
 
     @staticmethod
@@ -376,6 +376,17 @@ else:
 
     def _lock(f):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+def _publish(out, path, kind):
+    """Move a finished conversion into place: one rename, atomic on one file system, so the entry appears whole
+    or not at all. Should another process have published the same entry meanwhile (only possible when a lock
+    file was removed under a waiter), its entry is kept and this one dropped."""
+    try:
+        os.rename(out, path)
+    except OSError:
+        if not _complete(path, kind):
+            raise
 
 
 def _complete(path, kind):
