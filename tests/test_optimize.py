@@ -144,6 +144,33 @@ def family_parts(tiny_diffusers, tiny_onnx, tiny_sdxl):
     return get
 
 
+@pytest.fixture(scope="module")
+def shared_fusions():
+    """onnxruntime's Python fusions (converters.optimize._fuse) run once per base graph and target, not once per
+    combination: (cpu, fp32), (cpu, fp16) and (cpu, fp32, int8) start from the same fused graph, which the
+    fusion, a pure function of the graph, the component, the target and the head count, would make again
+    identically (they are most of each combination's time). Every consumer gets its own copy, since the fp16
+    and int8 steps rewrite the graph they are given; those steps and each parity gate run per combination."""
+    import os
+
+    import converters.optimize as optimize
+
+    fuse, made = optimize._fuse, {}
+
+    def shared(model, component, target, num_heads):
+        key = (os.getcwd(), component, target, num_heads)  # derive() runs it in the base graph's folder
+        if key not in made:
+            made[key] = fuse(model, component, target, num_heads)
+        fused_model, fused = made[key]
+        copy = onnx.ModelProto()
+        copy.CopyFrom(fused_model)
+        return copy, dict(fused)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimize, "_fuse", shared)
+        yield
+
+
 def derive_all(specs, base, plan, folder):
     """derive_checked for every component -> {component: manifest fields} of those the plan changes."""
     from converters.optimize import derive_checked
@@ -159,7 +186,8 @@ def derive_all(specs, base, plan, folder):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("optimize, dtype, quantize", OFFERED)
-def test_every_offered_combination_converts(family_parts, family, optimize, dtype, quantize, tmp_path):
+def test_every_offered_combination_converts(family_parts, shared_fusions, family, optimize, dtype, quantize,
+                                            tmp_path):
     """Each combination derives every component it applies to and passes the parity gate against torch
     (derive_checked raises ParityError past the tolerance; fp16 graphs that did not load failed here)."""
     specs, base = family_parts(family)
