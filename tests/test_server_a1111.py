@@ -63,7 +63,7 @@ OPTION_VALUES = {"CLIP_stop_at_last_layers": 2, "randn_source": "CPU", "eta_nois
                  "sigma_max": 10.0, "rho": 5.0, "emphasis": "No norm", "tiling": True, "sdxl_crop_top": 8,
                  "sdxl_crop_left": 8, "sdxl_refiner_high_aesthetic_score": 7.0,
                  "sdxl_refiner_low_aesthetic_score": 2.0, "face_restoration_model": "GFPGAN",
-                 "code_former_weight": 0.7, "face_restoration": True}
+                 "code_former_weight": 0.7, "face_restoration": True, "sd_vae": "tinyvae.safetensors"}
 
 
 def test_every_txt2img_field_and_option_reaches_its_keywords():
