@@ -60,6 +60,7 @@ class GenerationResult:
     infotexts: list  # one A1111 "parameters" text per image
     parameters: dict = field(default_factory=dict)
     interrupted: bool = False  # a callback raised Interrupted: the images so far, the last one unfinished
+    detected_maps: list = field(default_factory=list)  # each ControlNet unit's preprocessed image (PIL), in order
     providers: dict = field(default_factory=dict)  # component -> ONNX Runtime provider that ran it
     devices: dict = field(default_factory=dict)  # component -> its device ("CPU", "GPU.1", CUDA/DirectML id)
 
@@ -459,6 +460,10 @@ class Pipeline:
         self._release("vae_decoder", "vae_encoder")
         if job.refine:
             job.refine[0]._release("vae_decoder")
+        if job.controls:
+            from .controlnet.apply import detected_images
+
+            result.detected_maps = detected_images(job.controls)
         self._ran = ran = _ran_on(self._ran)
         result.providers, result.devices = {k: v[0] for k, v in ran.items()}, {k: v[1] for k, v in ran.items()}
         return result

@@ -445,7 +445,11 @@ def test_a1111_api_runs_a_unit(setup, tmp_path):
                 "alwayson_scripts": {"controlnet": {"args": [unit]}}}
         r = client.post("/sdapi/v1/txt2img", json=body)
         assert r.status_code == 200, r.text
-        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+        image, detected = (Image.open(io.BytesIO(base64.b64decode(b))) for b in r.json()["images"])
+        served = np.asarray(image)
+        assert np.array_equal(np.asarray(detected), _hint(1))  # the extension appends each unit's detected map
+        quiet = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"control_net_no_detectmap": True}})
+        assert len(quiet.json()["images"]) == 1
         assert 'ControlNet 0: "Module: none, Model: control_v11p_sd15_tiny [' in json.loads(r.json()["info"])["infotexts"][0]
         bad = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
             {**unit, "model": "control_v11f1p_sd15_depth"}]}}})

@@ -192,3 +192,13 @@ def image_array(image, what):
         image = load_image(image, what)
     transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     return np.asarray(image.convert("RGBA" if transparent else "RGB"))
+
+
+def detected_images(controls):
+    """The detected map of each unit that keeps it (save_detected_map), as the extension shows it (inpaint modules:
+    the masked area veiled through alpha) -> [PIL image]."""
+    from PIL import Image
+
+    from .preprocess import display_image
+
+    return [Image.fromarray(display_image(c.unit.module, c.detected)) for c in controls if c.unit.save_detected_map]

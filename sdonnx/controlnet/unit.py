@@ -9,12 +9,10 @@ from .model import ControlNetError
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 # names the extension's API still accepts for a field (ControlNetUnit's legacy keys); guess_mode was removed
-# from the extension (1.1.136), which warns and ignores it: here too
-LEGACY_KEYS = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram", "guessmode": "guess_mode"}
-IGNORED_KEYS = ("guess_mode", "low_vram", "save_detected_map", "inpaint_crop_input_image", "advanced_weighting",
-                "effective_region_mask", "pulid_mode", "ipadapter_input", "is_ui", "input_mode", "batch_images",
-                "output_dir", "loopback", "union_control_type", "animatediff_batch", "batch_modifiers",
-                "batch_image_files", "batch_keyframe_idx", "mask_image")
+# from the extension (1.1.136), which warns and ignores it: here too, with the fields that change nothing here
+# (low_vram: lowmem is the pipeline's) and the extension's other models' fields (from_dict drops unknown keys)
+LEGACY_KEYS = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram", "guessmode": "guess_mode",
+               "mask_image": "mask"}
 # infotext: the extension writes every unit field as "Field Name: value" (underscores to capitalized words)
 INFOTEXT_FIELDS = ("module", "model", "weight", "resize_mode", "processor_res", "threshold_a", "threshold_b",
                    "guidance_start", "guidance_end", "pixel_perfect", "control_mode", "hr_option")
@@ -41,6 +39,7 @@ class ControlNetUnit:
     hr_option: str = "Both"
     mask: object = None
     enabled: bool = True
+    save_detected_map: bool = True  # the A1111 API appends the unit's preprocessed image to the images
 
     def __post_init__(self):
         for name, choices in (("control_mode", CONTROL_MODES), ("hr_option", HR_OPTIONS)):

@@ -56,6 +56,7 @@ class Plan:
     styles: list = field(default_factory=list)
     prompts: dict = field(default_factory=dict)  # prompt as sent -> prompt generated from (missing LoRAs)
     batch_pixels: int = 0  # pixels of its largest batch (first pass or hires target)
+    detected_maps: bool = False  # append the ControlNet units' detected maps to the images (the extension's)
 
 
 @dataclass
@@ -66,7 +67,8 @@ class ServerState:
     upscalers: object = None  # postprocess.upscale.Upscalers: the Extras routes' and /upscalers' models
     face_restorers: object = None  # postprocess.faces.FaceRestorers: /face-restorers, the Extras face steps
     options: dict = field(default_factory=lambda: {**{name: default for name, (_, default) in OPTIONS.items()},
-                                                   "samples_format": "png", "live_previews_enable": True})
+                                                   "samples_format": "png", "live_previews_enable": True,
+                                                   "control_net_no_detectmap": False})
 
 
 def build_router(state):
@@ -266,7 +268,8 @@ def plan_generation(state, req, mode):
         raise ApiError(422, str(e)) from None
     return Plan(mode, entry, kwargs, kwargs.pop("seed"), kwargs.pop("batch_size"), kwargs.pop("batch_count"),
                 t.ignored, req.save_images, comments=t.comments, styles=t.styles, prompts=prompts,
-                batch_pixels=batch_pixels)
+                batch_pixels=batch_pixels, detected_maps=bool(kwargs.get("controlnet")) and not {
+                    **state.options, **overrides}.get("control_net_no_detectmap", False))
 
 
 def _check_hires_upscaler(state, kwargs):
@@ -433,7 +436,7 @@ def run_plan(job, pipeline_for, plan, outdir):
     pipe = pipeline_for(plan.entry)
     kwargs = _decoded(plan.kwargs)
     job.job_count = plan.n_iter
-    images, seeds, infotexts, parameters = [], [], [], {}
+    images, seeds, infotexts, parameters, detected = [], [], [], {}, []
     for n in range(plan.n_iter):
         if job.stop:
             break
@@ -449,9 +452,11 @@ def run_plan(job, pipeline_for, plan, outdir):
         images += result.images
         seeds += result.seeds
         infotexts += [_with_sent_prompt(text, plan.prompts) for text in result.infotexts]
-        parameters = result.parameters
+        parameters, detected = result.parameters, result.detected_maps
     save_error = _save(plan, outdir, images, seeds, infotexts)
     encoded = [encode_png(image, text) for image, text in zip(images, infotexts)]
+    if plan.detected_maps and not job.stop:  # sd-webui-controlnet appends them after the images, unsaved
+        encoded += [encode_png(image) for image in detected]
     return {"images": encoded, "seeds": seeds, "infotexts": infotexts, "parameters": parameters,
             "interrupted": job.stop, "save_error": save_error}
 
@@ -663,7 +668,14 @@ def _live_previews(value):
 
 
 # settings of the server itself that POST /options may change, each with its check
-SERVER_OPTIONS = {"samples_format": _samples_format, "live_previews_enable": _live_previews}
+def _no_detectmap(value):
+    if not isinstance(value, bool):
+        raise ApiError(422, f"control_net_no_detectmap must be true or false, got {value!r}")
+    return value
+
+
+SERVER_OPTIONS = {"samples_format": _samples_format, "live_previews_enable": _live_previews,
+                  "control_net_no_detectmap": _no_detectmap}
 
 
 def _sampler_options(info):
