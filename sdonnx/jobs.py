@@ -150,13 +150,19 @@ def run_local(jobs, order, load, ray=None, workers=None):
 
 def wire_settings(request):
     """The request as keywords that pickle and mean the same in another process or on another machine: an
-    init image or mask given as a path is read here, since the worker may not see the file."""
+    init image, mask or ControlNet unit image given as a path is read here, since the worker may not see the file."""
+    import dataclasses
+
     from .img2img import load_image
 
     settings = request.to_kwargs()
     for name in ("init_image", "mask"):
         if isinstance(settings[name], (str, os.PathLike)):
             settings[name] = load_image(settings[name])
+    read = lambda value, what: load_image(value, what) if isinstance(value, (str, os.PathLike)) else value  # noqa: E731
+    settings["controlnet"] = tuple(dataclasses.replace(u, image=read(u.image, "ControlNet image"),
+                                                       mask=read(u.mask, "ControlNet mask"))
+                                   for u in settings["controlnet"])
     return settings
 
 

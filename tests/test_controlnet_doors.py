@@ -164,3 +164,13 @@ def test_library_finds_by_name_title_and_path(tmp_path):
     with pytest.raises(ControlNetError, match="available: control_v11p_sd15_canny"):
         library.find("depth")
 
+
+
+def test_jobs_send_unit_images_not_paths(tmp_path):
+    """sdonnx.jobs hands workers (Ray: other machines) the unit's image itself, not a path they may not see."""
+    from sdonnx.jobs import wire_settings
+
+    (tmp_path / "edges.png").write_bytes(_png())
+    request = GenerationRequest.from_kwargs(prompt="x", controlnet=[dict(model="m", image=str(tmp_path / "edges.png"))])
+    unit, = wire_settings(request)["controlnet"]
+    assert isinstance(unit.image, Image.Image) and unit.image.size == (32, 24) and unit.mask is None
