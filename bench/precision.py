@@ -270,7 +270,9 @@ def main():
         args.diffusers, args.model, _ = prepare(args.work, [args.size], log, want_int8=False)
     if any(e.endswith("int8") for e in args.engines):
         ensure_int8(args.model, args, log)
-    results = {}
+    results, machine = {}, machine_facts()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"precision-{time.strftime('%Y%m%d-%H%M')}.json"
     for n in range(args.rounds):
         for engine in args.engines:
             if engine == "second-cli":
@@ -281,12 +283,10 @@ def main():
                 row = run_child(engine, args, args.model, args.diffusers)
             log(f"round {n + 1} {engine}: {json.dumps(row)}")
             results.setdefault(engine, []).append(row)
-    costs(results, args.work, args.size)
-    machine = machine_facts()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"precision-{time.strftime('%Y%m%d-%H%M')}.json"
-    out.write_text(json.dumps({"machine": machine, "size": args.size, "steps": args.steps, "rounds": args.rounds,
-                               "results": results}, indent=1))
+            costs(results, args.work, args.size)
+            # after every run: what finished survives a run cut short
+            out.write_text(json.dumps({"machine": machine, "size": args.size, "steps": args.steps,
+                                       "rounds": args.rounds, "results": results}, indent=1))
     print(table(results, machine))
     print(f"\n(results: {out.relative_to(ROOT)})")
 
