@@ -303,6 +303,19 @@ def _build(cls, data, where):
         raise ManifestError(f"{where} lacks the field(s) {', '.join(required)}") from None
 
 
+def read_manifest_json(path, error=None):
+    """The JSON of a manifest file (sdonnx.json, vae.json), at most MAX_MANIFEST_BYTES; `error` (default
+    ManifestError) names the file and what is wrong. Every manifest reader goes through here, so a hostile
+    folder meets one size limit and one set of parse errors."""
+    error = error or ManifestError
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise error(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"cannot read {path}: {e}") from None
+
+
 def load_manifest(folder):
     """Read and validate folder/sdonnx.json, and check that the files it names are there; raises
     ManifestError (ModelFileError for a missing file) naming the file and what is wrong."""
@@ -313,12 +326,7 @@ def load_manifest(folder):
     if not path.is_file():
         raise ManifestError(f"{str(folder)!r} is not an sdonnx model folder (no {MANIFEST_NAME}); "
                             f"convert a checkpoint first with `sdonnx convert SOURCE -o {folder}`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
+    data = read_manifest_json(path)
     try:
         manifest = Manifest.from_dict(data)
     except ManifestError as e:

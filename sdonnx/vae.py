@@ -57,13 +57,12 @@ class ExternalVae:
 
 def load_vae_folder(folder):
     """Read and check a converted VAE folder's vae.json; ValueError naming what is wrong."""
-    from .manifest import Component, ManifestError, _build, _check_component
+    from .manifest import Component, ManifestError, _build, _check_component, read_manifest_json
 
     path = Path(folder) / VAE_MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
+    if not path.is_file():
+        raise ManifestError(f"{str(folder)!r} is not a converted VAE (no {VAE_MANIFEST})")
+    data = read_manifest_json(path)
     if not isinstance(data, dict) or data.get("format") != VAE_FORMAT:
         raise ManifestError(f"{path} is not a converted VAE ({VAE_FORMAT})")
     components = {}

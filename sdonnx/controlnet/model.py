@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..limits import MAX_MANIFEST_BYTES
-from ..manifest import MANIFEST_NAME, Component, ManifestError, ModelFileError, _build, _check_component, _check_count
+from ..manifest import (MANIFEST_NAME, Component, ManifestError, ModelFileError, _build, _check_component, _check_count,
+                        read_manifest_json)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,7 @@ def load_controlnet_manifest(folder):
     if not path.is_file():
         raise ManifestError(f"{str(folder)!r} is not a converted ControlNet (no {MANIFEST_NAME}); convert it first "
                             f"with `sdonnx convert CONTROLNET_FILE -o {folder}`")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ManifestError(f"cannot read {path}: {e}") from None
+    data = read_manifest_json(path)
     try:
         manifest = ControlNetManifest.from_dict(data)
     except ManifestError as e:

@@ -10,13 +10,13 @@ become fields of ExtrasRequest, its models an entry of ExtrasModels, and its ste
 `upscale_step`; each step is step(image, request, models, info) -> image and writes its infotext keys
 into `info`.
 """
-import math
 from dataclasses import dataclass, fields
 
 from PIL import Image
 
 from .. import limits
 from ..infotext import _format_value, _quote
+from ..request import finite
 from .upscale import Upscalers, upscale
 
 RESIZE_MODES = ("scale by", "scale to")  # A1111's resize_mode 0 and 1
@@ -49,7 +49,7 @@ class ExtrasRequest:
         if self.resize_mode not in (0, 1):
             raise ValueError(f"resize_mode {self.resize_mode!r}: choose 0 (scale by) or 1 (scale to)")
         if self.resize_mode == 0:
-            by = _finite("upscaling_resize", self.upscaling_resize)
+            by = finite("upscaling_resize", self.upscaling_resize)
             if not 0 < by <= limits.MAX_UPSCALE_BY:
                 raise ValueError(f"upscaling_resize {by} must be above 0 and at most {limits.MAX_UPSCALE_BY:g}")
         else:
@@ -57,31 +57,21 @@ class ExtrasRequest:
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8 * limits.MAX_SIDE:
                     raise ValueError(f"{name} {value!r} must be a whole number of pixels from 1 to {8 * limits.MAX_SIDE}")
-        if not 0 <= _finite("extras_upscaler_2_visibility", self.extras_upscaler_2_visibility) <= 1:
+        if not 0 <= finite("extras_upscaler_2_visibility", self.extras_upscaler_2_visibility) <= 1:
             raise ValueError(f"extras_upscaler_2_visibility {self.extras_upscaler_2_visibility} must be from 0 to 1")
         for name in ("upscaler_1", "upscaler_2"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be an upscaler name, got {getattr(self, name)!r}")
             upscalers.get(getattr(self, name))
         for name, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
-            if not 0 <= _finite(name, getattr(self, name)) <= 1:
+            if not 0 <= finite(name, getattr(self, name)) <= 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be from 0 to 1")
             if getattr(self, name) > 0:
                 if faces is None:
                     raise ValueError(f"{name}: face restoration needs its model folders")
                 faces.check(restorer)
-        if not 0 <= _finite("codeformer_weight", self.codeformer_weight) <= 1:
+        if not 0 <= finite("codeformer_weight", self.codeformer_weight) <= 1:
             raise ValueError(f"codeformer_weight {self.codeformer_weight} must be from 0 to 1")
-
-
-def _finite(name, value):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
 
 
 @dataclass

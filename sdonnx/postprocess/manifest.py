@@ -11,8 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..limits import MAX_MANIFEST_BYTES
-from ..manifest import MANIFEST_NAME, ManifestError, ModelFileError, _build, _check_path, _check_text, _kind
+from ..manifest import (MANIFEST_NAME, ManifestError, ModelFileError, _build, _check_path, _check_text, _kind,
+                        read_manifest_json as read_json)
 
 FORMAT = "sdonnx-postprocess"
 FORMAT_VERSION = 1
@@ -170,12 +170,7 @@ def read_manifest_json(folder):
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise PostprocessManifestError(f"{str(folder)!r} is not a converted model folder (no {MANIFEST_NAME})")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise PostprocessManifestError(f"{path} is {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise PostprocessManifestError(f"cannot read {path}: {e}") from None
+    return read_json(path, PostprocessManifestError)
 
 
 def load_postprocess_manifest(folder, kind=None):

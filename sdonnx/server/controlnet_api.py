@@ -4,30 +4,19 @@ import logging
 
 import numpy as np
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, model_validator
 from PIL import Image
 
 from .. import limits
 from ..controlnet import preprocess as cn
 from .api import ApiError
 from .codec import decode_image, encode_png
-from .schemas import non_finite
+from .schemas import FiniteBody
 
 log = logging.getLogger(__name__)
 
 
-class DetectRequest(BaseModel):
+class DetectRequest(FiniteBody):
     """POST /controlnet/detect, with the extension's field names and defaults (-1: the module's default)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _finite_numbers(cls, data):
-        found = non_finite(data)
-        if found:
-            raise ValueError(f"{found} is not a finite number (NaN and infinity are refused)")
-        return data
 
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = []

@@ -8,26 +8,16 @@ text chunks ("parameters") plus A1111's "postprocessing" text; `html_info` is th
 import html
 from dataclasses import fields
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
 from ..postprocess.extras import ExtrasModels, ExtrasRequest, check_size, run_extras
 from ..postprocess.upscale import BUILTIN, REALESRGAN_FILES
 from .codec import EncodedImage, encode_png
-from .schemas import non_finite
+from .schemas import FiniteBody
 
 
-class ExtrasBase(BaseModel):
+class ExtrasBase(FiniteBody):
     """A1111's ExtrasBaseRequest: its fields and defaults (show_extras_results has no effect in the API)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _finite_numbers(cls, data):
-        found = non_finite(data)
-        if found:
-            raise ValueError(f"{found} is not a finite number (NaN and infinity are refused)")
-        return data
 
     resize_mode: int = 0
     show_extras_results: bool = True

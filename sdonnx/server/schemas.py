@@ -20,8 +20,8 @@ def non_finite(value, path="body"):
     return None
 
 
-class _Common(BaseModel):
-    """The fields A1111's txt2img and img2img requests share."""
+class FiniteBody(BaseModel):
+    """An API body that keeps unknown fields (A1111 clients send many) and refuses NaN and infinity anywhere."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -33,6 +33,10 @@ class _Common(BaseModel):
         if found:
             raise ValueError(f"{found} is not a finite number (NaN and infinity are refused)")
         return data
+
+
+class _Common(FiniteBody):
+    """The fields A1111's txt2img and img2img requests share."""
 
     prompt: str = ""
     negative_prompt: str = ""
